@@ -1,0 +1,177 @@
+"""LLaVA-format captioning data: chat.json records, images from a folder or straight out of images.zip.
+
+Everything slow (JSON parsing, tokenizing, JPEG decoding, resizing) happens in __getitem__, i.e. in
+DataLoader worker processes. A record that cannot be used comes back as {"skip": reason} and is
+dropped (and counted) by the collator, so one bad JPEG never ends a run.
+"""
+import io
+import json
+import os
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from PIL import Image
+
+from models.prompt import IGNORE, SampleError, encode, to_messages
+
+
+def load_records(chat_json):
+    """chat.json (one JSON array) -> a `datasets.Dataset` of one JSON string per record.
+
+    Records stay serialized so that a malformed one fails alone, in its worker, instead of breaking
+    schema inference for all 595k; the Arrow column is shared by forked workers without copies.
+    """
+    raw = json.loads(Path(chat_json).read_bytes().decode("utf-8", errors="replace"))
+    if not isinstance(raw, list):
+        raise ValueError(f"{chat_json} must hold a JSON array of LLaVA records")
+    return Dataset.from_dict({"record": [json.dumps(r) for r in raw]})
+
+
+def split_indices(n, val_size, seed):
+    """A held-out validation split chosen by a seeded permutation (the same on every rank and run)."""
+    if val_size >= n:
+        raise ValueError(f"val_size={val_size} leaves no training data in a data set of {n} records")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return perm[val_size:], perm[:val_size]
+
+
+class ImageStore:
+    """Image bytes by file name, from root/images.zip, root/images/ or root itself."""
+
+    def __init__(self, root):
+        root = Path(root)
+        self.zip_path = root / "images.zip" if (root / "images.zip").is_file() else None
+        self.folder = root / "images" if (root / "images").is_dir() else root
+        self._zip = self._members = self._pid = None
+
+    def __getstate__(self):  # zip handles do not cross process boundaries; each worker opens its own
+        return {**self.__dict__, "_zip": None, "_members": None, "_pid": None}
+
+    def read(self, name):
+        if self.zip_path is None:
+            try:
+                return (self.folder / name).read_bytes()
+            except (FileNotFoundError, IsADirectoryError):
+                raise SampleError("missing_image", name) from None
+        if self._pid != os.getpid():
+            self._zip, self._pid = zipfile.ZipFile(self.zip_path), os.getpid()
+            self._members = {os.path.basename(i.filename): i for i in self._zip.infolist() if not i.is_dir()}
+        if name not in self._members:
+            raise SampleError("missing_image", name)
+        return self._zip.read(self._members[name])
+
+
+def to_rgb(img):
+    """Any PIL mode -> RGB: alpha over white, 16/32-bit scaled to 8-bit, CMYK/palette/gray converted."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        a = (a - a.min()) / max(a.max() - a.min(), 1e-9) * 255
+        return Image.fromarray(a.astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def decode_image(data):
+    if not data:
+        raise SampleError("empty_image_file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # decode now, so truncated files fail here and not later
+        return to_rgb(img)
+    except Image.DecompressionBombError:
+        raise SampleError("image_too_large") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise SampleError("corrupt_image", str(e)[:80]) from None
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    def __init__(self, records, indices, images, tokenizer, processor, n_image_tokens, max_text_tokens):
+        self.records, self.indices, self.images = records, indices, images
+        self.tokenizer, self.processor = tokenizer, processor
+        self.n_image_tokens, self.max_text_tokens = n_image_tokens, max_text_tokens
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        record_id = f"record #{self.indices[i]}"
+        try:
+            record = json.loads(self.records[self.indices[i]]["record"])
+            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+                raise SampleError("malformed_record", "needs an 'image' file name and 'conversations'")
+            record_id = str(record.get("id", record_id))
+            input_ids, labels = self.encode_text(record.get("conversations"))
+            image = decode_image(self.images.read(record["image"]))
+            pixel_values = self.processor(images=[image], return_tensors="pt")["pixel_values"][0]  # [3, H, W]
+        except SampleError as e:
+            return {"skip": e.reason, "id": record_id}
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+                "pixel_values": pixel_values, "id": record_id}
+
+    def encode_text(self, conversations):
+        try:
+            return encode(self.tokenizer, to_messages(conversations), self.n_image_tokens, self.max_text_tokens)
+        except UnicodeError:
+            raise SampleError("bad_text", "text that cannot be encoded") from None
+
+
+class Collator:
+    """Pads a batch to its own longest sample (right padding) and drops skipped records, counting them."""
+
+    def __init__(self, pad_id):
+        self.pad_id = pad_id
+
+    def __call__(self, samples):
+        good = [s for s in samples if "skip" not in s]
+        bad = [s for s in samples if "skip" in s]
+        B, T = len(good), max((len(s["input_ids"]) for s in good), default=0)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        for row, s in enumerate(good):
+            n = len(s["input_ids"])
+            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = s["input_ids"], s["labels"], 1
+        return {
+            "input_ids": input_ids,                                            # [B, T]
+            "labels": labels,                                                  # [B, T]
+            "attention_mask": attention_mask,                                  # [B, T]
+            "pixel_values": torch.stack([s["pixel_values"] for s in good]) if good else None,  # [B, 3, H, W]
+            "n_label_tokens": int((labels[:, 1:] != IGNORE).sum()),  # counted here, on the CPU: no GPU sync
+            "skipped": Counter(s["skip"] for s in bad),
+            "skipped_ids": [s["id"] for s in bad],
+        }
+
+
+class ShardedBatchSampler:
+    """Per epoch: a seeded permutation, dealt across ranks, cut into equal batches.
+
+    Every rank gets the same number of batches (the tail is dropped), and iteration can start at
+    any batch of any epoch, which is what makes resuming exact.
+    """
+
+    def __init__(self, n, batch_size, rank=0, world=1, seed=0):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.epoch = self.start = 0
+        if len(self) == 0:
+            raise ValueError(f"{n} training samples are fewer than one batch of {batch_size} per rank "
+                             f"x {world} ranks; lower batch_size")
+
+    def set_position(self, epoch, start_batch):
+        self.epoch, self.start = epoch, start_batch
+
+    def __len__(self):
+        return self.n // self.world // self.batch_size
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        mine = perm[: len(self) * self.batch_size * self.world][self.rank::self.world]
+        for b in range(self.start, len(self)):
+            yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()

@@ -1,0 +1,70 @@
+"""A synthetic captioning data set in LLaVA format: coloured shapes, captions naming colour, shape, place.
+
+Written exactly like LLaVA-CC3M (chat.json + images.zip of JPEGs), so the demo and the tests run
+the real data path.
+"""
+import io
+import json
+import random
+import zipfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
+          "yellow": (235, 215, 40), "purple": (140, 50, 170), "white": (245, 245, 245)}
+SHAPES = ("circle", "square", "triangle")
+PLACES = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
+          "bottom right": (0.75, 0.75), "center": (0.5, 0.5)}
+INSTRUCTIONS = ("Provide a brief description of the given image.", "Describe the image concisely.",
+                "What is in this picture?", "Give a short caption for the image.")
+
+
+def draw(color, shape, place, size=64):
+    img = Image.new("RGB", (size, size), (30, 30, 30))
+    cx, cy = (c * size for c in PLACES[place])
+    r = size * 0.18
+    box = (cx - r, cy - r, cx + r, cy + r)
+    d = ImageDraw.Draw(img)
+    if shape == "circle":
+        d.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        d.rectangle(box, fill=COLORS[color])
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+    return img
+
+
+def caption(color, shape, place):
+    return f"a {color} {shape} at the {place} ."
+
+
+def record(i, color, shape, place, rng):
+    instruction = rng.choice(INSTRUCTIONS)
+    user = f"<image>\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n<image>"
+    return {"id": f"shape_{i:06d}", "image": f"shape_{i:06d}.jpg",
+            "conversations": [{"from": "human", "value": user},
+                              {"from": "gpt", "value": caption(color, shape, place)}]}
+
+
+def make_shapes_dataset(out_dir, n=2000, seed=0, size=64):
+    """Write out_dir/chat.json and out_dir/images.zip; returns the texts (for training a tokenizer)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records = []
+    with zipfile.ZipFile(out_dir / "images.zip", "w") as zf:
+        for i in range(n):
+            color, shape, place = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(PLACES))
+            buf = io.BytesIO()
+            draw(color, shape, place, size).save(buf, format="JPEG", quality=90)
+            zf.writestr(f"shape_{i:06d}.jpg", buf.getvalue())
+            records.append(record(i, color, shape, place, rng))
+    (out_dir / "chat.json").write_text(json.dumps(records))
+    return corpus()
+
+
+def corpus():
+    """Every word the data set can say, for the demo tokenizer."""
+    captions = [caption(c, s, p) for c in COLORS for s in SHAPES for p in PLACES]
+    return captions + list(INSTRUCTIONS) + ["<image>"]

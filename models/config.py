@@ -1,0 +1,190 @@
+"""VLMConfig: every knob of tinyvlm in one dataclass.
+
+Edit the defaults here, or override any field on the command line:
+    python main.py --phase lora --lora_r 32 --compile false
+The flags are generated from the dataclass, so a new field is a new flag for free.
+"""
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and what would be valid."""
+
+
+@dataclass
+class VLMConfig:
+    # --- backbones (hub ids or local directories) ---
+    vision_model: str = "google/siglip-base-patch16-224"
+    lm_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    vision_feature_layer: int = -1  # -1: final (post-layernorm) output; -2: penultimate layer, as in LLaVA
+    pixel_unshuffle: int = 2  # merge s x s neighbouring patches: 196 -> 49 image tokens at s=2; 1 = off
+    projector_hidden_dim: int = 2048
+    max_text_tokens: int = 128  # text tokens per sample; image tokens come on top and are never truncated
+
+    # --- phase: "projector" (align, only the projector trains) or "lora" (adapters + projector) ---
+    phase: str = "projector"
+    init_from: str = ""  # lora phase: checkpoint dir of a projector run to start from
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_vision: bool = False  # also put adapters on the vision encoder's attention/MLP layers
+    lora_vision_targets: tuple = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+    # --- data ---
+    dataset: str = "liuhaotian/LLaVA-CC3M-Pretrain-595K"  # hub data set, downloaded when data_dir is empty
+    data_dir: str = ""  # folder with chat.json and images.zip (or an images/ folder); "" = cache_dir/<dataset>
+    cache_dir: str = "~/.cache/tinyvlm"
+    val_size: int = 1000  # held-out records (chosen by seed, not by position)
+    num_workers: int = 8
+    max_bad_fraction: float = 0.05  # stop if more than this fraction of samples turn out unusable
+
+    # --- optimisation ---
+    batch_size: int = 64  # per device, per micro-step
+    grad_accum: int = 2  # global batch = batch_size * grad_accum * world size
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
+    projector_lr: float = 1e-3
+    lora_lr: float = 2e-4
+    weight_decay: float = 0.0  # applied to matrices only, never to biases or norms
+    warmup_frac: float = 0.03
+    grad_clip: float = 1.0
+    max_bad_steps: int = 5  # non-finite losses/gradients in a row before the run stops
+    seed: int = 0
+
+    # --- system ---
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False
+    # --- logging, evaluation, checkpoints ---
+    log_every: int = 10
+    eval_every: int = 500
+    eval_captions: int = 4  # fixed validation images captioned at every evaluation
+    save_every: int = 1000
+    keep_last: int = 2
+    out_dir: str = "checkpoints/run"
+    resume: bool = True  # continue from the newest checkpoint in out_dir, if there is one
+    wandb_project: str = ""  # "" = off
+    demo: bool = False  # offline demo: synthetic shapes data + tiny random backbones, both phases
+
+    # ------------------------------------------------------------------
+    def validate(self):
+        """Cheap checks, run before any model or data is loaded."""
+        def bad(name, why):
+            raise ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {why}")
+        if self.phase not in ("projector", "lora"):
+            bad("phase", "must be 'projector' or 'lora'")
+        if self.phase == "lora" and not self.init_from:
+            bad("init_from", "the lora phase starts from a projector checkpoint: pass --init_from DIR "
+                "(the out_dir of a --phase projector run)")
+        if self.init_from:
+            self.check_compatible(resolve_checkpoint(self.init_from))
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "epochs", "pixel_unshuffle",
+                     "projector_hidden_dim", "max_text_tokens", "log_every", "eval_every", "save_every",
+                     "keep_last", "max_bad_steps"):
+            if getattr(self, name) <= 0:
+                bad(name, "must be a positive integer")
+        for name in ("projector_lr", "lora_lr"):
+            if not getattr(self, name) > 0:
+                bad(name, "must be a positive learning rate, e.g. 1e-3")
+        for name, lo, hi in (("lora_dropout", 0, 1), ("warmup_frac", 0, 1), ("max_bad_fraction", 0, 1)):
+            if not lo <= getattr(self, name) < hi:
+                bad(name, f"must be in [{lo}, {hi})")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.max_steps < 0 or self.val_size < 0:
+            raise ConfigError("config fields weight_decay, grad_clip, max_steps and val_size must be >= 0")
+        if self.num_workers < 0:
+            bad("num_workers", "must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            bad("device", "must be 'auto', 'cpu' or 'cuda'")
+        if self.data_dir and not Path(self.data_dir).expanduser().is_dir():
+            bad("data_dir", "does not exist; point it at a folder holding chat.json and images.zip, "
+                "or leave it empty to download the data set")
+        return self
+
+    def check_compatible(self, checkpoint):
+        """A checkpoint only fits a model built with the same backbones and projector shape."""
+        other = VLMConfig.load(Path(checkpoint) / "config.json")
+        for name in ("vision_model", "lm_model", "vision_feature_layer", "pixel_unshuffle", "projector_hidden_dim"):
+            if getattr(other, name) != getattr(self, name):
+                raise ConfigError(f"config field '{name}' = {getattr(self, name)!r}, but checkpoint {checkpoint} "
+                                  f"was trained with {getattr(other, name)!r}; use the same value")
+
+    # --- JSON: a checkpoint carries the config that trained it ---
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def save(self, path):
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            warnings.warn(f"ignoring config keys this version of tinyvlm does not know: {unknown} "
+                          "(the checkpoint was written by another version)")
+        return cls(**{k: tuple(v) if known[k].type is tuple else v for k, v in d.items() if k in known})
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# --- command line: one flag per field, generated from the dataclass ---
+def _parse_value(f, text):
+    if f.type is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{f.name} expects a boolean (true/false/1/0/yes/no), got {text!r}")
+    if f.type is tuple:
+        return tuple(s for s in text.split(",") if s)
+    try:
+        return f.type(text)
+    except ValueError:
+        raise ConfigError(f"--{f.name} expects {f.type.__name__}, got {text!r}") from None
+
+
+def parse_overrides(argv, cfg=None):
+    """Apply `--field value` / `--field=value` pairs to a config. A bare `--flag` on a bool field means true."""
+    cfg = cfg or VLMConfig()
+    by_name = {f.name: f for f in fields(VLMConfig)}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; flags look like --lr 1e-3")
+        name, eq, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in by_name:
+            close = [n for n in by_name if name in n or n in name]
+            raise ConfigError(f"unknown config field --{name}" + (f"; did you mean {close}?" if close else ""))
+        f = by_name[name]
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if f.type is bool and (nxt is None or nxt.startswith("--")):
+                value = "true"
+            elif nxt is None:
+                raise ConfigError(f"--{name} needs a value")
+            else:
+                value, i = nxt, i + 1
+        setattr(cfg, name, _parse_value(f, value))
+        i += 1
+    return cfg
+
+
+def resolve_checkpoint(path):
+    """A checkpoint directory (it holds config.json), or a run's out_dir: then its newest step_* checkpoint."""
+    path = Path(path).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    steps = sorted(path.glob("step_*"))
+    if not steps:
+        raise ConfigError(f"{path} is neither a checkpoint (no config.json) nor a run directory with step_* "
+                          "checkpoints in it")
+    return steps[-1]

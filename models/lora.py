@@ -1,0 +1,87 @@
+"""Hand-rolled LoRA: y = W x + (alpha / r) * B A dropout(x), with W frozen.
+
+A starts random and B at zero, so a fresh adapter changes nothing yet still gets gradients
+(B's gradient depends on A, which is non-zero).
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init nn.Linear (and peft) use
+        self.merged = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return y + (self.dropout(x) @ a.t() @ b.t()) * self.scale
+
+    def delta(self):
+        return (self.lora_B @ self.lora_A) * self.scale  # [out, in]
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base.weight += self.delta().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.delta().to(self.base.weight.dtype)
+            self.merged = False
+
+
+def apply_lora(model: nn.Module, targets, r, alpha, dropout):
+    """Wrap every nn.Linear whose name ends with one of `targets`; returns the wrapped names."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    if not names:
+        linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"LoRA targets {list(targets)} match no linear layer; this model has {linears}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+    return names
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model):
+    for m in lora_layers(model):
+        m.merge()
+
+
+def unmerge_lora(model):
+    for m in lora_layers(model):
+        m.unmerge()
+
+
+def strip_lora(model):
+    """Merge the adapters and put the plain nn.Linear back, e.g. to export a standalone LM."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, m.base)
+    return model
+
+
+def lora_state_dict(model):
+    """The adapters alone: what a LoRA run adds to its frozen backbones."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
