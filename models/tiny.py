@@ -48,8 +48,10 @@ def build_tiny_backbones(out_dir, corpus, image_size=32, patch_size=8, dim=64, l
     lm = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
+        initializer_range=0.2,  # large random embeddings, so the frozen tied LM head can give confident logits
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    # No pad_token_id in the LM config: it would zero that embedding row, and since pad == eos and the head
+    # is tied, the frozen LM could then never predict end-of-turn.
     lm.save_pretrained(out_dir / "lm")
     tokenizer.save_pretrained(out_dir / "lm")
     return str(out_dir / "vision"), str(out_dir / "lm")

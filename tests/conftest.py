@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random backbones, a local tokenizer and a small shapes data set. No network."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may reach for the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+
+from data.shapes import make_shapes_dataset
+from models.config import VLMConfig
+from models.tiny import build_tiny_backbones
+
+transformers.utils.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    corpus = make_shapes_dataset(root / "data", n=160, seed=0)
+    vision, lm = build_tiny_backbones(root, corpus)
+    return SimpleNamespace(root=root, data_dir=str(root / "data"), vision=vision, lm=lm)
+
+
+@pytest.fixture
+def tiny_cfg(tiny_assets, tmp_path):
+    """A config for the tiny model: CPU, no workers, 16 validation records, logs every step."""
+    return VLMConfig(vision_model=tiny_assets.vision, lm_model=tiny_assets.lm, data_dir=tiny_assets.data_dir,
+                     device="cpu", out_dir=str(tmp_path / "run"), projector_hidden_dim=64, max_text_tokens=64,
+                     batch_size=8, grad_accum=1, num_workers=0, val_size=16, lora_dropout=0.0, log_every=1,
+                     eval_every=10_000, save_every=10_000, eval_captions=0, resume=True, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
