@@ -33,7 +33,7 @@ from data.download import DataError, ensure_dataset
 from data.llava import Collator, ImageStore, LlavaDataset, ShardedBatchSampler, load_records, split_indices
 from models.config import ConfigError, VLMConfig, parse_overrides, resolve_checkpoint
 from models.lora import LoRALinear
-from models.vlm import VLM
+from models.vlm import VLM, HubError
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 
@@ -90,7 +90,8 @@ def build_data(cfg, model, rank, world):
                             model.n_image_tokens, cfg.max_text_tokens)
 
     workers = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                   pin_memory=torch.cuda.is_available(), collate_fn=Collator(model.tokenizer.pad_token_id))
+                   pin_memory=torch.cuda.is_available(), collate_fn=Collator(model.tokenizer.pad_token_id),
+                   generator=torch.Generator())  # its own RNG: starting an epoch must not shift dropout's
     sampler = ShardedBatchSampler(len(train_idx), cfg.batch_size, rank, world, cfg.seed)
     train_loader = DataLoader(dataset(train_idx), batch_sampler=sampler, **workers)
     val_set = dataset(val_idx)
@@ -505,7 +506,7 @@ def main(argv):
         if cfg.demo:
             return run_demo(parse_overrides(argv, demo_config()))
         return train(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, HubError) as e:
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():

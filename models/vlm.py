@@ -33,11 +33,15 @@ def n_image_tokens(cfg: VLMConfig):
     return (grid // cfg.pixel_unshuffle) ** 2
 
 
+class HubError(OSError):
+    """A backbone could not be loaded (offline, wrong id or path); the message names the way out."""
+
+
 def _from_hub(loader, name, **kw):
     try:
         return loader.from_pretrained(name, **kw)
     except OSError as e:
-        raise OSError(f"could not load '{name}' ({type(e).__name__}). Without access to the Hugging Face "
+        raise HubError(f"could not load '{name}' ({type(e).__name__}). Without access to the Hugging Face "
                       "Hub, point the config at a local copy, or try the offline demo: "
                       "`uv run python main.py --demo`") from e
 
@@ -193,4 +197,7 @@ class VLM(nn.Module):
     def from_checkpoint(cls, path):
         path = resolve_checkpoint(path)
         cfg = VLMConfig.load(path / "config.json")
+        for name in ("vision_model", "lm_model"):  # an exported checkpoint names its backbones relative to itself
+            if (path / getattr(cfg, name)).is_dir():
+                setattr(cfg, name, str(path / getattr(cfg, name)))
         return cls.from_config(cfg).load_trainable(path)

@@ -41,3 +41,32 @@ def _deterministic():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
+
+
+def cli_args(cfg, **overrides):
+    """The command-line flags that rebuild `cfg` (with overrides), e.g. for a torchrun subprocess."""
+    d = {**cfg.to_dict(), **overrides}
+    return [f"--{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in d.items()]
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tiny_batch():
+    """Builds a labelled batch for a VLM the real way (models.prompt.encode, right padding) with random images:
+    tiny_batch(model, captions) -> dict(input_ids, attention_mask, labels, pixel_values)."""
+    from models.prompt import DEFAULT_PROMPT, IGNORE, encode
+
+    def build(model, captions=("a red circle at the center .", "a blue square at the top left .")):
+        samples = [encode(model.tokenizer, [{"role": "user", "content": DEFAULT_PROMPT},
+                                            {"role": "assistant", "content": c}], model.n_image_tokens)
+                   for c in captions]
+        T = max(len(ids) for ids, _ in samples)
+        pad = lambda seq, value: seq + [value] * (T - len(seq))  # noqa: E731
+        size = model.processor.size["height"]
+        return {"input_ids": torch.tensor([pad(ids, model.tokenizer.pad_token_id) for ids, _ in samples]),
+                "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in samples]),
+                "labels": torch.tensor([pad(labels, IGNORE) for _, labels in samples]),
+                "pixel_values": torch.randn(len(captions), 3, size, size)}
+    return build

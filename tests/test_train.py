@@ -1,0 +1,143 @@
+"""The training loop: exact accumulation, DDP equivalence, exact resume, data sources, phases, demo."""
+import dataclasses
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import main
+from conftest import REPO, cli_args
+from data.llava import Collator, ImageStore, LlavaDataset, load_records
+from models.vlm import VLM, WEIGHTS
+
+
+def weights(checkpoint):
+    return load_file(str(checkpoint / WEIGHTS))
+
+
+def dataset(cfg, model, root):
+    records = load_records(f"{cfg.data_dir}/chat.json")
+    return LlavaDataset(records, list(range(len(records))), ImageStore(root), model.tokenizer, model.processor,
+                        model.n_image_tokens, cfg.max_text_tokens)
+
+
+def projector_grads(model, micro):
+    model.zero_grad(set_to_none=True)
+    main.train_step(model, micro, torch.device("cpu"), main.nullcontext())
+    return torch.cat([p.grad.flatten() for p in model.projector.parameters()])
+
+
+def test_accumulation_equals_whole_batch(tiny_cfg):
+    model = VLM.from_config(tiny_cfg)
+    torch.nn.init.normal_(model.projector.down.weight, std=0.5)  # make the image matter
+    data, collate = dataset(tiny_cfg, model, tiny_cfg.data_dir), Collator(model.tokenizer.pad_token_id)
+    items = [data[i] for i in range(7)]
+    items[0]["labels"][-6:-1] = -100  # micro-batches of unequal label-token counts
+    micro = [collate(items[:1]), collate(items[1:3]), collate(items[3:])]
+    assert len({b["n_label_tokens"] for b in micro}) == 3
+    whole = projector_grads(model, [collate(items)])
+    accumulated = projector_grads(model, micro)
+    torch.testing.assert_close(accumulated, whole, rtol=1e-5, atol=1e-7)
+    # the pitfall this guards against: a mean of per-micro-batch means is measurably different
+    mean_of_means = sum(projector_grads(model, [b]) for b in micro) / len(micro)
+    assert (mean_of_means - whole).abs().max() > 100 * (accumulated - whole).abs().max()
+
+
+def test_zip_and_folder_give_identical_samples(tiny_cfg, tmp_path):
+    model = VLM.from_config(tiny_cfg)
+    with zipfile.ZipFile(f"{tiny_cfg.data_dir}/images.zip") as zf:
+        zf.extractall(tmp_path / "images")
+    (tmp_path / "chat.json").write_bytes((REPO / tiny_cfg.data_dir / "chat.json").read_bytes())
+    from_zip, from_folder = dataset(tiny_cfg, model, tiny_cfg.data_dir), dataset(tiny_cfg, model, tmp_path)
+    assert from_zip.images.zip_path and not from_folder.images.zip_path
+    for i in range(len(from_zip)):
+        a, b = from_zip[i], from_folder[i]
+        assert a["id"] == b["id"] and "skip" not in a
+        for k in ("input_ids", "labels", "pixel_values"):
+            assert torch.equal(a[k], b[k])
+
+
+def frozen_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "projector" not in k and "lora_" not in k}
+
+
+@pytest.mark.parametrize("phase", ["projector", "lora"])
+def test_phase_trains_only_its_parameters(tiny_cfg, phase):
+    cfg = dataclasses.replace(tiny_cfg, max_steps=2)
+    if phase == "lora":
+        cfg = dataclasses.replace(cfg, phase="lora", out_dir=cfg.out_dir + "-lora",
+                                  init_from=str(main.train(cfg)["checkpoint"]))
+    before = frozen_state(VLM.from_config(cfg))
+    model = main.train(cfg)["model"]
+    after = frozen_state(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    trained = {n.split(".")[0] + (".lora" if "lora_" in n else "") for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == ({"projector"} if phase == "projector" else {"projector", "lm.lora"})
+
+
+def test_lora_phase_starts_from_the_projector_checkpoint(tiny_cfg):
+    proj = main.train(dataclasses.replace(tiny_cfg, max_steps=2))
+    lora_cfg = dataclasses.replace(tiny_cfg, phase="lora", init_from=str(proj["checkpoint"]), out_dir=tiny_cfg.out_dir + "-l")
+    model = main.build_model(lora_cfg, torch.device("cpu"), resuming=False)
+    assert all(torch.equal(p, proj["model"].projector.state_dict()[n]) for n, p in model.projector.state_dict().items())
+
+
+def test_resume_is_exact(tiny_cfg, monkeypatch):
+    proj = main.train(dataclasses.replace(tiny_cfg, max_steps=2, out_dir=tiny_cfg.out_dir + "-p"))
+    cfg = dataclasses.replace(tiny_cfg, phase="lora", init_from=str(proj["checkpoint"]), lora_dropout=0.2,
+                              max_steps=6, save_every=3, grad_accum=2, batch_size=4)
+    unbroken = main.train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-unbroken"))
+
+    real_step, calls = main.optimizer_step, []
+
+    def crash_after_three(*args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash after step 3")
+        calls.append(1)
+        return real_step(*args)
+
+    monkeypatch.setattr(main, "optimizer_step", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        main.train(cfg)
+    monkeypatch.setattr(main, "optimizer_step", real_step)
+    resumed = main.train(cfg)
+    assert [s for s, _ in resumed["losses"]] == [4, 5, 6]
+    assert resumed["losses"] == unbroken["losses"][3:]
+    a, b = weights(resumed["checkpoint"]), weights(unbroken["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tiny_cfg, tmp_path):
+    """2 ranks x batch 4 (gloo) reach the same weights as 1 process x batch 8."""
+    def run(nproc, batch_size, out_dir):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "main.py", *cli_args(tiny_cfg, batch_size=batch_size, grad_accum=2, max_steps=3, out_dir=out_dir)]
+        subprocess.run(cmd, cwd=REPO, check=True, timeout=300, capture_output=True)
+        return weights(sorted(out_dir.glob("step_*"))[-1])
+
+    one, two = run(1, 8, tmp_path / "one"), run(2, 4, tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_offline_demo_end_to_end(tmp_path):
+    out = subprocess.run([sys.executable, "main.py", "--demo", f"--out_dir={tmp_path}"], cwd=REPO, timeout=900,
+                         capture_output=True, text=True, env={**main.os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    captions = [l for l in out.stdout.splitlines() if "(reference:" in l and l.startswith("  shape_")]
+    correct = [l for l in captions if l.split(": ", 1)[1].startswith(l.split("(reference: ")[1][:-1])]
+    assert len(captions) == 8 and len(correct) >= 6, out.stdout[-3000:]
+    val = [main.json.loads(l)["val_loss"] for l in open(tmp_path / "lora" / "log.jsonl") if "val_loss" in l]
+    assert val[-1] < 0.5 < val[0] or val[-1] < 0.2
+
+
+def test_default_run_offline_names_the_demo(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main.main([f"--cache_dir={tmp_path}"])
+    assert "--demo" in str(e.value)
