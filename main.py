@@ -33,7 +33,7 @@ from data.download import DataError, ensure_dataset
 from data.llava import Collator, ImageStore, LlavaDataset, ShardedBatchSampler, load_records, split_indices
 from models.config import ConfigError, VLMConfig, parse_overrides, resolve_checkpoint
 from models.lora import LoRALinear
-from models.vlm import VLM, HubError
+from models.vlm import VLM, HubError, preflight
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 
@@ -315,7 +315,8 @@ class Meter:
         w = self.world  # every rank did the same amount of work
         stats = {"loss": loss, "dt_ms": 1000 * dt / self.steps, "samples_per_s": w * self.samples / dt,
                  "tokens_per_s": w * self.tokens / dt, "data_wait": self.data_wait / dt,
-                 "mfu": self.flops / dt / self.peak if self.peak else None}
+                 "mfu": self.flops / dt / self.peak if self.peak else None,
+                 "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None}
         self.reset()
         return stats
 
@@ -368,8 +369,10 @@ def report(cfg, rank, wandb_run, step, metrics, captions=()):
 
 
 def train(cfg: VLMConfig):
-    """Run one phase. Returns {"step", "losses": [(step, loss)], "val_loss", "skipped", "checkpoint"}."""
+    """Run one phase. Returns {"step", "losses": [(step, loss)], "stats": [per log line], "val_loss",
+    "skipped": {reason: count}, "checkpoint", "model"}."""
     cfg.validate()
+    preflight(cfg)
     rank, world, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     resume_from = resolve_checkpoint(cfg.out_dir) if cfg.resume and any(Path(cfg.out_dir).glob("step_*")) else None
@@ -402,7 +405,7 @@ def train(cfg: VLMConfig):
               f"{len(sampler) * cfg.batch_size * world:,} samples/epoch, global batch "
               f"{cfg.batch_size * cfg.grad_accum * world}, steps {state['step']}->{total}"
               + (f", resumed from {resume_from}" if resume_from else ""))
-    result = {"losses": [], "val_loss": None, "checkpoint": resume_from}
+    result = {"losses": [], "stats": [], "val_loss": None, "checkpoint": resume_from}
     meter = Meter(model, device, world)
     batches = micro_batches(sampler, train_loader, state["step"], steps_per_epoch, cfg.grad_accum)
     bar = tqdm(total=total, initial=state["step"], disable=rank != 0, dynamic_ncols=True, leave=False)
@@ -433,6 +436,7 @@ def train(cfg: VLMConfig):
             if step % cfg.log_every == 0 or done:
                 stats = meter.read()
                 result["losses"].append((step, stats["loss"]))
+                result["stats"].append(stats)
                 lr = scheduler.get_last_lr()[0]
                 if rank == 0:
                     tqdm.write(format_line(step, total, lr, stats, sum(state["skipped"].values())))
@@ -471,12 +475,12 @@ def demo_config():
 def prepare_demo(cfg):
     """Synthetic shapes data + tiny random backbones under out_dir/assets (made once)."""
     from data.shapes import make_shapes_dataset
-    from models.tiny import build_tiny_backbones
+    from models.tiny import build_backbones
     assets = Path(cfg.out_dir) / "assets"
     if not (assets / "lm" / "config.json").is_file():
         print(f"making the demo data set and tiny backbones in {assets}")
         corpus = make_shapes_dataset(assets / "data", n=2000)
-        build_tiny_backbones(assets, corpus)
+        build_backbones(assets, corpus)
     return dataclasses.replace(cfg, data_dir=str(assets / "data"), vision_model=str(assets / "vision"),
                                lm_model=str(assets / "lm"))
 

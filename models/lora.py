@@ -44,13 +44,17 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+def linear_names(model):
+    """The distinct last name components of a model's linear layers: what LoRA targets can name."""
+    return sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
 def apply_lora(model: nn.Module, targets, r, alpha, dropout):
     """Wrap every nn.Linear whose name ends with one of `targets`; returns the wrapped names."""
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
     if not names:
-        linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"LoRA targets {list(targets)} match no linear layer; this model has {linears}")
+        raise ValueError(f"LoRA targets {list(targets)} match no linear layer; this model has {linear_names(model)}")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

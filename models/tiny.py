@@ -1,4 +1,4 @@
-"""Tiny random backbones and a local tokenizer, for the offline demo and the tests.
+"""Random backbones (tiny, or shaped like the real defaults) and a local tokenizer: demo, tests, benchmark.
 
 They are saved as ordinary `transformers` directories, so the rest of tinyvlm loads them exactly
 like the real hub models (config fields take local paths).
@@ -35,21 +35,33 @@ def build_tokenizer(corpus, vocab_size=512):
     return tokenizer
 
 
-def build_tiny_backbones(out_dir, corpus, image_size=32, patch_size=8, dim=64, layers=2, seed=0):
-    """Write out_dir/vision (SigLIP + its image processor) and out_dir/lm (Llama + tokenizer)."""
+# (SiglipVisionConfig, LlamaConfig) keyword arguments. "base" has the shapes of the real defaults,
+# google/siglip-base-patch16-224 and HuggingFaceTB/SmolLM2-135M-Instruct, for benchmarks without the hub.
+SIZES = {
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8),
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=0.2)),  # large random embeddings: the frozen tied head can be confident
+    "base": (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  image_size=224, patch_size=16),
+             dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0)),
+}
+
+
+def build_backbones(out_dir, corpus, size="tiny", seed=0):
+    """Write out_dir/vision (SigLIP + its image processor) and out_dir/lm (Llama + tokenizer), random weights."""
     out_dir = Path(out_dir)
+    vision_kw, lm_kw = SIZES[size]
     torch.manual_seed(seed)
-    vision = SiglipVisionModel(SiglipVisionConfig(
-        hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=layers, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size))
-    vision.save_pretrained(out_dir / "vision")
-    SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(out_dir / "vision")
+    vision_config = SiglipVisionConfig(**vision_kw)
+    SiglipVisionModel(vision_config).save_pretrained(out_dir / "vision")
+    side = vision_config.image_size
+    SiglipImageProcessorPil(size={"height": side, "width": side}).save_pretrained(out_dir / "vision")
     tokenizer = build_tokenizer(corpus)
-    lm = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        initializer_range=0.2,  # large random embeddings, so the frozen tied LM head can give confident logits
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    lm = LlamaForCausalLM(LlamaConfig(**{"vocab_size": len(tokenizer), **lm_kw}, tie_word_embeddings=True,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
     # No pad_token_id in the LM config: it would zero that embedding row, and since pad == eos and the head
     # is tied, the frozen LM could then never predict end-of-turn.
     lm.save_pretrained(out_dir / "lm")

@@ -10,27 +10,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
 from models.config import ConfigError, VLMConfig, resolve_checkpoint
-from models.lora import apply_lora
+from models.lora import apply_lora, linear_names
 from models.projector import Projector
 from models.prompt import DEFAULT_PROMPT, IGNORE, add_image_token, encode_prompt
 
 WEIGHTS = "trainable.safetensors"
-
-
-def vision_grid(vision_model):
-    """Patches per side of the vision encoder, read from its (cheap) config."""
-    c = AutoConfig.from_pretrained(vision_model)
-    c = getattr(c, "vision_config", c)
-    return c.image_size // c.patch_size
-
-
-def n_image_tokens(cfg: VLMConfig):
-    grid = vision_grid(cfg.vision_model)
-    if grid % cfg.pixel_unshuffle:
-        raise ConfigError(f"config field 'pixel_unshuffle' = {cfg.pixel_unshuffle}: must divide the "
-                          f"{grid}x{grid} patch grid of {cfg.vision_model} (valid: "
-                          f"{[f for f in range(1, grid + 1) if grid % f == 0]})")
-    return (grid // cfg.pixel_unshuffle) ** 2
 
 
 class HubError(OSError):
@@ -44,6 +28,47 @@ def _from_hub(loader, name, **kw):
         raise HubError(f"could not load '{name}' ({type(e).__name__}). Without access to the Hugging Face "
                       "Hub, point the config at a local copy, or try the offline demo: "
                       "`uv run python main.py --demo`") from e
+
+
+def vision_config(vision_model):
+    c = _from_hub(AutoConfig, vision_model)
+    return getattr(c, "vision_config", c)  # a full SigLIP checkpoint nests the vision tower's config
+
+
+def vision_grid(vision_model):
+    """Patches per side of the vision encoder, read from its (cheap) config."""
+    c = vision_config(vision_model)
+    return c.image_size // c.patch_size
+
+
+def n_image_tokens(cfg: VLMConfig):
+    grid = vision_grid(cfg.vision_model)
+    if grid % cfg.pixel_unshuffle:
+        raise ConfigError(f"config field 'pixel_unshuffle' = {cfg.pixel_unshuffle}: must divide the "
+                          f"{grid}x{grid} patch grid of {cfg.vision_model} (valid: "
+                          f"{[f for f in range(1, grid + 1) if grid % f == 0]})")
+    return (grid // cfg.pixel_unshuffle) ** 2
+
+
+def _check_targets(field, targets, model):
+    missing = sorted(set(targets) - set(linear_names(model)))
+    if missing:
+        raise ConfigError(f"config field '{field}': {missing} match no linear layer of "
+                          f"{type(model).__name__}; valid names: {linear_names(model)}")
+
+
+def preflight(cfg: VLMConfig):
+    """Checks that need the backbones' shapes but not their weights, so they fail before anything loads:
+    the unshuffle factor against the patch grid, and the LoRA targets against weightless (meta) models."""
+    n_image_tokens(cfg)
+    if cfg.phase != "lora":
+        return
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(_from_hub(AutoConfig, cfg.lm_model))
+        _check_targets("lora_targets", cfg.lora_targets, lm)
+        if cfg.lora_vision:
+            _check_targets("lora_vision_targets", cfg.lora_vision_targets,
+                           SiglipVisionModel(vision_config(cfg.vision_model)))
 
 
 def load_backbones(cfg: VLMConfig):

@@ -14,7 +14,7 @@ import transformers
 
 from data.shapes import make_shapes_dataset
 from models.config import VLMConfig
-from models.tiny import build_tiny_backbones
+from models.tiny import build_backbones
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -23,7 +23,7 @@ transformers.utils.logging.disable_progress_bar()
 def tiny_assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     corpus = make_shapes_dataset(root / "data", n=160, seed=0)
-    vision, lm = build_tiny_backbones(root, corpus)
+    vision, lm = build_backbones(root, corpus)
     return SimpleNamespace(root=root, data_dir=str(root / "data"), vision=vision, lm=lm)
 
 

@@ -1,0 +1,111 @@
+"""Benchmark the real training loop (main.train: data set, collator, workers, model, optimizer) on
+full-size backbones with random weights, over synthetic CC3M-like JPEGs read from a zip. No hub needed.
+
+    uv run python bench.py                                  # projector phase, 2x2 unshuffle: 49 image tokens
+    uv run python bench.py --pixel_unshuffle 1              # 196 image tokens
+    uv run python bench.py --phase lora                     # adapters on every LM linear layer
+    torchrun --standalone --nproc_per_node 2 bench.py       # data parallel
+Any VLMConfig flag works (--batch_size, --compile true, ...). `--size tiny` runs the same path on tiny
+backbones (the CPU test does that).
+"""
+import io
+import json
+import random
+import statistics
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+import main
+from models.config import VLMConfig, parse_overrides
+from models.tiny import build_backbones
+from models.vlm import VLM
+
+CC3M_EPOCH = 595_375  # records in LLaVA-CC3M-Pretrain-595K
+WORDS = ("a man woman dog cat car tree house city street beach sunset people group young old red blue green "
+         "white black sitting standing walking on in with at the of near water mountain field road table food "
+         "portrait view background illustration vector cartoon person holding playing during event").split()
+INSTRUCTIONS = ("Provide a brief description of the given image.", "Write a terse but informative summary of "
+                "the picture.", "Share a concise interpretation of the image provided.", "Describe the image concisely.")
+
+
+def cc3m_like_jpeg(rng, width, height):
+    """Smooth noise with some edges: compresses to about 11 KB at 300x250, like CC3M's JPEGs."""
+    small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((width, height), Image.BICUBIC).filter(ImageFilter.DETAIL)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=70)
+    return buf.getvalue()
+
+
+def make_cc3m_like(out_dir, n, distinct=256, seed=0):
+    """chat.json + images.zip with n records in LLaVA format; `distinct` image payloads are reused."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng, pyrng = np.random.default_rng(seed), random.Random(seed)
+    jpegs = [cc3m_like_jpeg(rng, pyrng.randint(250, 400), pyrng.randint(200, 350)) for _ in range(distinct)]
+    records = []
+    with zipfile.ZipFile(out_dir / "images.zip", "w") as zf:
+        for i in range(n):
+            name = f"GCC_train_{i:09d}.jpg"
+            zf.writestr(name, jpegs[i % distinct])
+            caption = " ".join(pyrng.choice(WORDS) for _ in range(pyrng.randint(6, 16))) + " ."
+            user = pyrng.choice(INSTRUCTIONS)
+            user = f"{user}\n<image>" if pyrng.random() < 0.5 else f"<image>\n{user}"
+            records.append({"id": name[:-4], "image": name, "conversations": [
+                {"from": "human", "value": user}, {"from": "gpt", "value": caption}]})
+    (out_dir / "chat.json").write_text(json.dumps(records))
+    return [r["conversations"][1]["value"] for r in records[:2000]] + list(INSTRUCTIONS)
+
+
+def prepare(root, size, n_records):
+    if not (root / "lm" / "config.json").is_file():
+        corpus = make_cc3m_like(root / "data", n_records)
+        build_backbones(root, corpus, size=size)
+    return str(root / "data"), str(root / "vision"), str(root / "lm")
+
+
+def bench_config(argv):
+    """Bench defaults (full-size backbones, 40 steps, no evaluation), then the user's flags."""
+    size = "base"
+    if "--size" in argv:
+        at = argv.index("--size")
+        size, argv = argv[at + 1], argv[:at] + argv[at + 2:]
+    root = Path("checkpoints/bench") / size
+    cfg = parse_overrides(argv, VLMConfig(batch_size=128, grad_accum=1, max_steps=40, log_every=10, val_size=256,
+                                          eval_every=10**9, eval_captions=0, save_every=10**9, resume=False,
+                                          num_workers=min(16, torch.multiprocessing.cpu_count())))
+    data_dir, vision, lm = prepare(root, size, n_records=20_000 if size == "base" else 400)
+    tag = f"{cfg.phase}-u{cfg.pixel_unshuffle}-b{cfg.batch_size}" + ("-compiled" if cfg.compile else "")
+    cfg = VLMConfig.from_dict({**cfg.to_dict(), "data_dir": data_dir, "vision_model": vision, "lm_model": lm,
+                               "out_dir": str(root / "runs" / tag)})
+    if cfg.phase == "lora" and not cfg.init_from:  # a (random) projector checkpoint to start from
+        cfg.init_from = str(root / "projector-init")
+        VLM.from_config(VLMConfig.from_dict({**cfg.to_dict(), "phase": "projector", "init_from": ""})).save(cfg.init_from)
+    return cfg
+
+
+def summarize(cfg, result, world):
+    """Median over the log intervals after the first (which holds start-up and compilation)."""
+    stats = result["stats"]
+    steady = stats[1:] or stats
+    med = {k: statistics.median(s[k] for s in steady) for k in ("samples_per_s", "tokens_per_s", "data_wait")}
+    mfu = [s["mfu"] for s in steady if s["mfu"] is not None]
+    mem = max((s["peak_mem_gb"] or 0) for s in stats)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+    return {"phase": cfg.phase, "image_tokens": result["model"].n_image_tokens,
+            "gpus": world, "device": device, "global_batch": cfg.batch_size * cfg.grad_accum * world,
+            "compile": cfg.compile, **med, "mfu": statistics.median(mfu) if mfu else None, "peak_mem_gb": mem,
+            "epoch_minutes": CC3M_EPOCH / med["samples_per_s"] / 60,
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+
+
+if __name__ == "__main__":
+    cfg = bench_config(sys.argv[1:])
+    result = main.train(cfg)
+    rank, world, _ = main.setup_distributed(cfg)
+    if rank == 0:
+        print("BENCH " + json.dumps(summarize(cfg, result, world)))

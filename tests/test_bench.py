@@ -1,0 +1,24 @@
+"""The benchmark runs the real training loop; here on tiny backbones, on the CPU."""
+import bench
+import main
+
+
+def test_bench_path_on_tiny_backbones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = bench.bench_config(["--size", "tiny", "--device", "cpu", "--batch_size", "8", "--num_workers", "1",
+                              "--max_steps", "6", "--log_every", "2", "--phase", "lora"])
+    assert cfg.init_from and cfg.phase == "lora"
+    result = main.train(cfg)
+    summary = bench.summarize(cfg, result, world=1)
+    assert summary["image_tokens"] == 4 and summary["global_batch"] == 8
+    assert summary["samples_per_s"] > 0 and summary["tokens_per_s"] > 8 * summary["samples_per_s"]
+    assert 0 <= summary["data_wait"] < 1 and summary["mfu"] is None  # no MFU without a known GPU peak
+    assert summary["epoch_minutes"] == bench.CC3M_EPOCH / summary["samples_per_s"] / 60
+
+
+def test_cc3m_like_jpegs_are_cc3m_sized(tmp_path):
+    bench.make_cc3m_like(tmp_path, n=64, distinct=16)
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "images.zip") as zf:
+        sizes = [i.file_size for i in zf.infolist()]
+    assert len(sizes) == 64 and 6_000 < sum(sizes) / len(sizes) < 20_000
