@@ -499,6 +499,12 @@ def run_demo(cfg):
     _, _, _, val_set = build_data(lora, out["model"], 0, 1)
     for id_, caption, truth in sample_captions(out["model"], val_set, 8, torch.device("cpu")):
         print(f"  {id_}: {caption!r}  (reference: {truth!r})")
+    samples = root / "samples"  # a few held-out images as files, to try generate.py on
+    samples.mkdir(exist_ok=True)
+    for i in range(4):
+        name = json.loads(val_set.records[val_set.indices[i]]["record"])["image"]
+        (samples / name).write_bytes(val_set.images.read(name))
+    print(f"try: uv run python generate.py --checkpoint {lora.out_dir} {samples}/*.jpg")
     return out
 
 
