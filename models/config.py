@@ -81,7 +81,11 @@ class VLMConfig:
             bad("init_from", "the lora phase starts from a projector checkpoint: pass --init_from DIR "
                 "(the out_dir of a --phase projector run)")
         if self.init_from:
-            self.check_compatible(resolve_checkpoint(self.init_from))
+            try:
+                checkpoint = resolve_checkpoint(self.init_from)
+            except ConfigError as e:
+                bad("init_from", str(e))
+            self.check_compatible(checkpoint)
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "epochs", "pixel_unshuffle",
                      "projector_hidden_dim", "max_text_tokens", "log_every", "eval_every", "save_every",
                      "keep_last", "max_bad_steps"):

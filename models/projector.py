@@ -7,7 +7,10 @@ def pixel_unshuffle(x, factor):
     """Merge factor x factor neighbouring patches into one token: [B, N, D] -> [B, N/f^2, D*f^2]."""
     B, N, D = x.shape
     side = int(round(N ** 0.5))
-    if side * side != N or side % factor:
+    if side * side != N:
+        raise ValueError(f"pixel_unshuffle={factor} needs a square grid of patch tokens, got {N} tokens "
+                         "(a vision encoder with a CLS token? drop it first)")
+    if side % factor:
         raise ValueError(f"pixel_unshuffle={factor} must divide the {side}x{side} patch grid")
     g = side // factor
     x = x.reshape(B, g, factor, g, factor, D)          # [B, gy, fy, gx, fx, D]

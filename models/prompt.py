@@ -50,6 +50,10 @@ def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        if i == 0:  # nothing to reply to; the template cannot even render the empty prefix
+            raise SampleError("malformed_record", "the conversation starts with an assistant turn")
+        if not m["content"].strip():  # its end-of-turn token alone would train the model to say nothing
+            raise SampleError("empty_reply", f"assistant turn {i} has no text")
         prefix = _ids(tokenizer, messages[:i], generation_prompt=True)
         if ids[: len(prefix)] != prefix:  # the slicing below relies on the template being incremental
             raise ValueError("the chat template does not render turns incrementally; labels cannot be placed")

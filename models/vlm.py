@@ -208,11 +208,13 @@ class VLM(nn.Module):
         state = load_file(str(Path(path) / WEIGHTS))
         if only:
             state = {k: v for k, v in state.items() if k.startswith(only)}
-        expected = {n for n, p in self.named_parameters() if p.requires_grad and (not only or n.startswith(only))}
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
+        expected = {n: p.shape for n, p in self.named_parameters()
+                    if p.requires_grad and (not only or n.startswith(only))}
+        missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+        misshaped = [n for n in set(expected) & set(state) if state[n].shape != expected[n]]
+        if missing or unexpected or misshaped:  # checked before anything is copied
             raise ValueError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
+                             f"unexpected {sorted(unexpected)[:5]}, other shape {sorted(misshaped)[:5]}")
         for name, p in self.named_parameters():
             if name in state:
                 p.data.copy_(state[name].to(p.dtype))
