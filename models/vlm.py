@@ -177,19 +177,20 @@ class VLM(nn.Module):
                  use_cache=True):
         """Caption a batch of images [B, 3, H, W]: the vision tower runs once per image, then the LM
         decodes with its KV cache; each sequence stops at its own end-of-turn token."""
-        was_training = self.training
-        self.eval()
         ids = torch.tensor([encode_prompt(self.tokenizer, prompt, self.n_image_tokens)] * len(pixel_values),
                            device=pixel_values.device)  # one prompt for all: no padding needed
         autocast = torch.autocast("cuda", torch.bfloat16) if ids.is_cuda else contextlib.nullcontext()
-        with autocast:
-            embeds = self.embed(ids, pixel_values)
-            out = self.lm.generate(
-                inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                do_sample=temperature > 0, temperature=temperature or None, top_p=top_p if temperature > 0 else None,
-                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                use_cache=use_cache)
-        self.train(was_training)
+        was_training = self.training
+        self.eval()
+        try:
+            with autocast:
+                out = self.lm.generate(
+                    inputs_embeds=self.embed(ids, pixel_values), attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
+                    top_p=top_p if temperature > 0 else None, use_cache=use_cache,
+                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        finally:
+            self.train(was_training)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     # --- checkpoints: the config plus the trainable weights only ---
