@@ -197,7 +197,8 @@ def save_checkpoint(cfg, model, optimizer, scheduler, state, rank):
     final = out / f"step_{state['step']:08d}"
     tmp = out / f".tmp-{final.name}"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in out.glob(".tmp-step_*"):  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng_{rank}.pt")  # every rank's RNG (dropout differs per rank)
@@ -276,14 +277,15 @@ def optimizer_step(cfg, params, optimizer, scheduler):
     return finite
 
 
-def count_data(cfg, state, micro):
-    """Tally skipped records; stop when the data set is mostly (or entirely) unusable."""
+def count_data(cfg, state, micro, min_seen):
+    """Tally skipped records; stop when the data set is mostly (or entirely) unusable. The fraction is
+    judged once min_seen samples were seen, so one unlucky first batch does not end a run."""
     for b in micro:
         state["seen"] += len(b["input_ids"]) + len(b["skipped_ids"])
         state["skipped"].update(b["skipped"])
         state["bad_examples"] = (state["bad_examples"] + b["skipped_ids"])[:5]
     seen, bad = state["seen"], sum(state["skipped"].values())
-    if bad and (bad == seen or (seen >= 100 and bad > cfg.max_bad_fraction * seen)):
+    if bad and seen >= min_seen and (bad == seen or bad > cfg.max_bad_fraction * seen):
         raise DataError(f"{bad} of the first {seen} samples were unusable ({dict(state['skipped'])}), "
                         f"more than max_bad_fraction={cfg.max_bad_fraction}; for example "
                         f"{state['bad_examples']}. Fix the data, or raise --max_bad_fraction")
@@ -414,7 +416,7 @@ def train(cfg: VLMConfig):
             t_wait = time.perf_counter()
             micro = next(batches)
             data_wait = time.perf_counter() - t_wait
-            count_data(cfg, state, micro)
+            count_data(cfg, state, micro, min_seen=min(100, len(sampler) * cfg.batch_size))
             try:
                 loss_sum, n_global = train_step(forward, micro, device, autocast)
                 finite = optimizer_step(cfg, params, optimizer, scheduler)
@@ -432,7 +434,7 @@ def train(cfg: VLMConfig):
             if state["bad_in_a_row"] >= cfg.max_bad_steps:
                 result["checkpoint"] = save_checkpoint(cfg, model, optimizer, scheduler, state, rank)
                 raise RuntimeError(f"{cfg.max_bad_steps} steps in a row had a non-finite loss or gradient "
-                                   f"(step {step}); saved {result['checkpoint']}. Lower the learning rate.")
+                                   f"(step {step}); saved {result['checkpoint']}. Lower the learning rate (or raise --max_bad_steps).")
             if step % cfg.log_every == 0 or done:
                 stats = meter.read()
                 result["losses"].append((step, stats["loss"]))

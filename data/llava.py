@@ -8,6 +8,7 @@ import io
 import json
 import os
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
+from data.download import DataError
 from models.prompt import IGNORE, SampleError, encode, to_messages
 
 
@@ -25,9 +27,12 @@ def load_records(chat_json):
     Records stay serialized so that a malformed one fails alone, in its worker, instead of breaking
     schema inference for all 595k; the Arrow column is shared by forked workers without copies.
     """
-    raw = json.loads(Path(chat_json).read_bytes().decode("utf-8", errors="replace"))
+    try:
+        raw = json.loads(Path(chat_json).read_bytes().decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{chat_json} is not valid JSON ({e}): a truncated download or copy?") from None
     if not isinstance(raw, list):
-        raise ValueError(f"{chat_json} must hold a JSON array of LLaVA records")
+        raise DataError(f"{chat_json} must hold a JSON array of LLaVA records")
     return Dataset.from_dict({"record": [json.dumps(r) for r in raw]})
 
 
@@ -53,16 +58,22 @@ class ImageStore:
 
     def read(self, name):
         if self.zip_path is None:
+            path = self.folder / name
+            if not path.is_file():  # also False for a NUL or lone surrogate in the name, and for a FIFO or a
+                raise SampleError("missing_image", repr(name))  # device, whose reading could block or never end
             try:
-                return (self.folder / name).read_bytes()
-            except (FileNotFoundError, IsADirectoryError):
-                raise SampleError("missing_image", name) from None
+                return path.read_bytes()
+            except OSError as e:  # permissions, I/O error
+                raise SampleError("unreadable_image", f"{name!r}: {e.strerror}") from None
         if self._pid != os.getpid():
             self._zip, self._pid = zipfile.ZipFile(self.zip_path), os.getpid()
             self._members = {os.path.basename(i.filename): i for i in self._zip.infolist() if not i.is_dir()}
         if name not in self._members:
             raise SampleError("missing_image", name)
-        return self._zip.read(self._members[name])
+        try:
+            return self._zip.read(self._members[name])
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as e:
+            raise SampleError("corrupt_image", f"{name}: {e}") from None  # bad CRC, encrypted, unknown method
 
 
 def to_rgb(img):
@@ -89,7 +100,7 @@ def decode_image(data):
     except Image.DecompressionBombError:
         raise SampleError("image_too_large") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise SampleError("corrupt_image", str(e)[:80]) from None
+        raise SampleError("corrupt_image", type(e).__name__) from None
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -107,7 +118,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             record = json.loads(self.records[self.indices[i]]["record"])
             if not isinstance(record, dict) or not isinstance(record.get("image"), str):
                 raise SampleError("malformed_record", "needs an 'image' file name and 'conversations'")
-            record_id = str(record.get("id", record_id))
+            record_id = str(record.get("id", record_id)).encode("utf-8", "backslashreplace").decode()  # printable
             input_ids, labels = self.encode_text(record.get("conversations"))
             image = decode_image(self.images.read(record["image"]))
             pixel_values = self.processor(images=[image], return_tensors="pt")["pixel_values"][0]  # [3, H, W]
@@ -117,8 +128,11 @@ class LlavaDataset(torch.utils.data.Dataset):
                 "pixel_values": pixel_values, "id": record_id}
 
     def encode_text(self, conversations):
+        messages = to_messages(conversations)
         try:
-            return encode(self.tokenizer, to_messages(conversations), self.n_image_tokens, self.max_text_tokens)
+            for m in messages:  # a lone surrogate ("\ud800" in the JSON) is valid JSON but no text: the
+                m["content"].encode("utf-8")  # tokenizer would raise a TypeError that ends the run
+            return encode(self.tokenizer, messages, self.n_image_tokens, self.max_text_tokens)
         except UnicodeError:
             raise SampleError("bad_text", "text that cannot be encoded") from None
 

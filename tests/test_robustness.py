@@ -1,0 +1,591 @@
+"""Robustness: bad data is skipped and counted while odd-but-valid data is used; a bad config stops before
+anything loads; crashes, signals, non-finite losses and out-of-memory errors never lose work or hang.
+
+The crash, signal and DDP tests run training in real child processes (SIGKILL, SIGTERM and SIGINT reach a
+process of its own) forked from a server that has imported main once: `python main.py` would pay the ~15 s
+import of torch + transformers on every launch and restart.
+"""
+import dataclasses
+import io
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+import zlib
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import main
+import models.vlm
+from conftest import REPO, cli_args
+from data.llava import ImageStore, LlavaDataset, ShardedBatchSampler, load_records, split_indices
+from models.config import ConfigError
+from models.vlm import VLM, WEIGHTS
+
+# ============================================================================ bad data
+USED = "used"
+PROMPT = "<image>\nDescribe the image."
+CAPTION = "a red circle at the center ."
+EXOTIC = "a 🦄 שלום e\u0301 ."  # emoji, right-to-left script, a combining accent
+LONG = " ".join([CAPTION] * 60)  # far over max_text_tokens
+NON_UTF8 = "NON_UTF8_HERE"  # replaced by invalid UTF-8 bytes in chat.json
+DROP = object()  # a record field left out
+REASONS = ("missing_image", "empty_image_file", "corrupt_image", "image_too_large", "bad_text", "malformed_record",
+           "empty_reply", "no_image_token", "several_image_tokens", "image_beyond_max_text_tokens", "no_target_tokens")
+# every skip reason there is, but "unreadable_image" (no permission, an I/O error: not to be had as root)
+
+
+def encoded(img, fmt="PNG", **kw):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def too_large_png():
+    """A 1x1 PNG whose header claims 30000 x 30000 pixels: PIL refuses it at open (decompression bomb)."""
+    data = bytearray(encoded(Image.new("L", (1, 1))))
+    struct.pack_into(">II", data, 16, 30000, 30000)  # IHDR width, height
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))  # the chunk's CRC over type + data
+    return bytes(data)
+
+
+def record(name, user=PROMPT, reply=CAPTION, **fields):
+    """A good record, but for `fields` (DROP leaves one out); its image file is NAME.img."""
+    r = {"id": name, "image": f"{name}.img",
+         "conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": reply}], **fields}
+    return {k: v for k, v in r.items() if v is not DROP}
+
+
+def bad_cases():
+    """[(name, expected outcome: USED or the skip reason, chat.json record, bytes of NAME.img or None)]."""
+    rgb = Image.new("RGB", (48, 40), (30, 30, 30))
+    ImageDraw.Draw(rgb).ellipse((10, 8, 38, 32), fill=(220, 40, 40))
+    jpeg = encoded(rgb, "JPEG")
+    rgba = rgb.convert("RGBA")
+    rgba.paste((0, 0, 0, 0), (24, 0, 48, 40))  # a fully transparent right half: white after conversion
+    i16 = Image.fromarray((np.arange(48 * 40, dtype=np.uint16) * 30).reshape(40, 48))
+    assert Image.open(io.BytesIO(encoded(i16))).mode == "I;16"
+    turns = [{"from": "human", "value": PROMPT}, {"from": "gpt", "value": CAPTION}]
+    cases = [  # (name, expected, image, changes to the good record)
+        ("missing_file", "missing_image", None, {}),
+        ("truncated_jpeg", "corrupt_image", jpeg[: len(jpeg) // 2], {}),
+        ("garbage_jpeg", "corrupt_image", random.Random(0).randbytes(3000), {}),
+        ("zero_bytes", "empty_image_file", b"", {}),
+        ("decompression_bomb", "image_too_large", too_large_png(), {}),
+        ("cmyk", USED, encoded(rgb.convert("CMYK"), "JPEG"), {}),
+        ("grayscale_L", USED, encoded(rgb.convert("L")), {}),
+        ("16bit_I16", USED, encoded(i16), {}),
+        ("rgba", USED, encoded(rgba), {}),
+        ("palette_P", USED, encoded(rgb.convert("P")), {}),
+        ("palette_P_transparency", USED, encoded(rgb.convert("P"), transparency=0), {}),
+        ("1x1", USED, encoded(Image.new("RGB", (1, 1), (200, 10, 10))), {}),
+        ("20000x2", USED, encoded(Image.new("RGB", (20000, 2), (200, 10, 10))), {}),
+        ("exotic_unicode", USED, jpeg, dict(reply=EXOTIC)),
+        ("non_utf8_bytes", USED, jpeg, dict(reply=f"a {NON_UTF8} circle .")),
+        ("overlong_caption", USED, jpeg, dict(reply=LONG)),
+        ("lone_surrogate_id", USED, jpeg, dict(id="id\ud800")),
+        ("lone_surrogate", "bad_text", jpeg, dict(reply="a red \ud800 circle .")),
+        ("empty_caption", "empty_reply", jpeg, dict(reply="")),
+        ("blank_caption", "empty_reply", jpeg, dict(reply=" \n ")),
+        ("no_image_token", "no_image_token", jpeg, dict(user="Describe the image.")),
+        ("two_image_tokens", "several_image_tokens", jpeg, dict(user="<image>\n<image>\nDescribe.")),
+        ("image_after_max_text", "image_beyond_max_text_tokens", jpeg,
+         dict(user="Describe the image in detail. " * 30 + "<image>")),
+        ("reply_cut_off", "no_target_tokens", jpeg, dict(user="<image>\n" + "Describe the image in detail. " * 30)),
+        ("no_image_key", "malformed_record", jpeg, dict(image=DROP)),
+        ("no_conversations_key", "malformed_record", jpeg, dict(conversations=DROP)),
+        ("conversations_is_int", "malformed_record", jpeg, dict(conversations=7)),
+        ("image_is_list", "malformed_record", jpeg, dict(image=["a.img", "b.img"])),
+        ("unknown_role", "malformed_record", jpeg, dict(conversations=[{"from": "robot", "value": PROMPT}, turns[1]])),
+        ("turn_is_a_string", "malformed_record", jpeg, dict(conversations=[turns[0], "hi"])),
+        ("reply_is_null", "malformed_record", jpeg, dict(reply=None)),
+        ("image_name_with_nul", "missing_image", jpeg, dict(image="bad\x00name.img")),
+        ("image_name_lone_surrogate", "missing_image", jpeg, dict(image="\ud800.img")),
+        ("image_is_a_device", "missing_image", jpeg, dict(image="/dev/null")),  # a FIFO would block: no file
+    ]
+    return [(name, expect, record(name, **changes), image) for name, expect, image, changes in cases] \
+        + [("record_is_a_string", "malformed_record", "just a string", None)]
+
+
+def write_chat_json(path, records):
+    """Real UTF-8 for valid text, a JSON escape for lone surrogates, and raw invalid UTF-8 bytes."""
+    raw = json.dumps(records, ensure_ascii=False).encode("utf-8", "backslashreplace")
+    Path(path).write_bytes(raw.replace(NON_UTF8.encode(), b"caf\xe9 \xff\xfe"))
+
+
+def shapes(tiny_assets, n):
+    """The first n records of the shapes data set and their JPEG bytes."""
+    records = json.loads(Path(tiny_assets.data_dir, "chat.json").read_text())[:n]
+    with zipfile.ZipFile(Path(tiny_assets.data_dir, "images.zip")) as zf:
+        return records, {r["image"]: zf.read(r["image"]) for r in records}
+
+
+def write_dataset(root, records, images, store="zip"):
+    """A LLaVA-format data set: chat.json plus images.zip (or an images/ folder)."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_chat_json(root / "chat.json", records)
+    if store == "zip":
+        with zipfile.ZipFile(root / "images.zip", "w") as zf:
+            for name, data in images.items():
+                zf.writestr(name, data)
+    else:
+        (root / "images").mkdir()
+        for name, data in images.items():
+            (root / "images" / name).write_bytes(data)
+    return root
+
+
+def bad_dataset(tiny_assets, root, n_good=0, store="zip", good_at=()):
+    """Every bad case after n_good good shapes records, but with good ones at the positions `good_at`;
+    returns (root, expected outcome per record)."""
+    good, images = shapes(tiny_assets, n_good)
+    cases = bad_cases()
+    images.update({f"{name}.img": data for name, _, _, data in cases if data is not None})
+    rows = [(r, USED) for r in good] + [(r, expect) for _, expect, r, _ in cases]
+    spare = (i for i in range(n_good) if i not in good_at)
+    for i in good_at:
+        if rows[i][1] != USED:
+            j = next(spare)
+            rows[i], rows[j] = rows[j], rows[i]
+    write_dataset(root, [r for r, _ in rows], images, store)
+    return root, [expect for _, expect in rows]
+
+
+def llava_dataset(cfg, model, root):
+    records = load_records(root / "chat.json")
+    return LlavaDataset(records, list(range(len(records))), ImageStore(root), model.tokenizer, model.processor,
+                        model.n_image_tokens, cfg.max_text_tokens)
+
+
+def trained_text(model, item):
+    return model.tokenizer.decode([t for t in item["labels"].tolist() if t >= 0])
+
+
+@pytest.mark.parametrize("store", ["zip", "folder"])
+def test_each_bad_record_is_used_or_skipped_with_its_reason(tiny_assets, tiny_cfg, tmp_path, store):
+    model = VLM.from_config(tiny_cfg)
+    root, expected = bad_dataset(tiny_assets, tmp_path / "data", store=store)
+    data = llava_dataset(tiny_cfg, model, root)
+    size = model.processor.size["height"]
+    got = {}
+    for i, (name, expect, _, _) in enumerate(bad_cases()):
+        item = data[i]
+        got[name] = item.get("skip", USED)
+        item["id"].encode("utf-8")  # every id is printable, whatever the record held
+        if "skip" in item:
+            continue
+        assert item["pixel_values"].shape == (3, size, size) and torch.isfinite(item["pixel_values"]).all()
+        assert item["pixel_values"].std() > 0, name  # not a blank image (16-bit is rescaled, not clipped)
+        assert len(item["input_ids"]) == len(item["labels"]) <= tiny_cfg.max_text_tokens + model.n_image_tokens
+        text = trained_text(model, item)
+        if name == "rgba":  # the transparent half is composited over white (1.0 after normalisation)
+            assert torch.allclose(item["pixel_values"][:, :, -size // 4:], torch.ones(()), atol=0.02)
+        if name == "exotic_unicode":
+            assert text == EXOTIC + "<|im_end|>"
+        if name == "non_utf8_bytes":
+            assert text == "a caf\ufffd \ufffd\ufffd circle .<|im_end|>"
+        if name == "overlong_caption":  # truncated to max_text_tokens, still trained
+            assert len(item["input_ids"]) == tiny_cfg.max_text_tokens + model.n_image_tokens
+            assert LONG.startswith(text) and len(text) > len(CAPTION)
+        if name == "lone_surrogate_id":
+            assert item["id"] == "id\\ud800"
+    assert got == {name: expect for name, expect, _, _ in bad_cases()}
+
+
+def test_training_on_bad_data_uses_what_it_can_and_counts_the_rest(tiny_assets, tiny_cfg, tmp_path):
+    """One whole epoch (every training record seen once, in worker processes): the skip counts are exact."""
+    n_cases, val_size, batch_size = len(bad_cases()), 4, 8
+    n_good = 16 + (-(16 + n_cases - val_size)) % batch_size  # the training split fills whole batches
+    train_idx, val_idx = split_indices(n_good + n_cases, val_size, tiny_cfg.seed)
+    root, expected = bad_dataset(tiny_assets, tmp_path / "data", n_good, good_at=val_idx)  # all bad ones train
+    cfg = dataclasses.replace(tiny_cfg, data_dir=str(root), val_size=val_size, batch_size=batch_size, epochs=1,
+                              max_bad_fraction=0.9, num_workers=2, eval_captions=4)
+    result = main.train(cfg)
+    assert len(train_idx) % batch_size == 0 and result["step"] == len(train_idx) // batch_size
+    skipped = Counter(expect for _, expect, _, _ in bad_cases() if expect != USED)
+    assert result["skipped"] == dict(skipped) and set(skipped) == set(REASONS)  # every reason, each exactly
+    assert all(np.isfinite(loss) for _, loss in result["losses"]) and np.isfinite(result["val_loss"])
+
+
+def test_a_corrupt_member_of_images_zip_is_skipped(tiny_assets, tiny_cfg, tmp_path):
+    """A bit flipped inside images.zip (a bad CRC on read) costs that one record, not the run."""
+    records, images = shapes(tiny_assets, 2)
+    root = write_dataset(tmp_path / "d", records, images)
+    with zipfile.ZipFile(root / "images.zip") as zf:
+        info = zf.getinfo(records[0]["image"])
+    data = bytearray((root / "images.zip").read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 100] ^= 0xFF  # into the member's bytes
+    (root / "images.zip").write_bytes(data)
+    items = llava_dataset(tiny_cfg, VLM.from_config(tiny_cfg), root)
+    assert items[0]["skip"] == "corrupt_image" and "skip" not in items[1]
+
+
+@pytest.mark.parametrize("text", ['[{"id": "shape_000000", "image": "shape_000000.jpg", "conv', '{"records": []}'],
+                         ids=["truncated", "not_a_list"])
+def test_an_unreadable_chat_json_stops_with_a_data_error(tiny_assets, tiny_cfg, tmp_path, text):
+    records, images = shapes(tiny_assets, 2)
+    root = write_dataset(tmp_path / "d", records, images)
+    (root / "chat.json").write_text(text)
+    with pytest.raises(SystemExit, match="error: .*chat.json"):  # a message, not a traceback
+        main.main(cli_args(tiny_cfg, data_dir=root))
+
+
+def shapes_with_missing_images(tiny_assets, root, bad):
+    """The shapes data set with the images of records `bad` (indices) missing."""
+    records, images = shapes(tiny_assets, 160)
+    for i in bad:
+        images.pop(records[i]["image"])
+    return str(write_dataset(root, records, images))
+
+
+def test_data_with_nothing_usable_stops_naming_examples(tiny_assets, tiny_cfg, tmp_path):
+    cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_missing_images(tiny_assets, tmp_path / "d", range(160)))
+    with pytest.raises(main.DataError, match=r"missing_image.*shape_\d{6}"):
+        main.train(cfg)
+
+
+def test_data_more_bad_than_max_bad_fraction_stops(tiny_assets, tiny_cfg, tmp_path):
+    bad = [i for i in range(160) if i % 5 < 3]  # 60% unusable
+    cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_missing_images(tiny_assets, tmp_path / "d", bad),
+                              max_bad_fraction=0.5)
+    with pytest.raises(main.DataError, match="max_bad_fraction=0.5") as e:
+        main.train(cfg)
+    seen = int(str(e.value).split(" of the first ")[1].split()[0])
+    assert 100 <= seen < 100 + cfg.batch_size  # judged over at least 100 samples, and stopped right there
+
+
+def test_a_bad_first_batch_alone_does_not_stop_a_mostly_good_run(tiny_assets, tiny_cfg, tmp_path):
+    """8 unusable records of 144 (max_bad_fraction 0.5) happen to make up the first batch: that is no reason
+    to stop, just as the same records spread over the epoch are none."""
+    train_idx, _ = split_indices(160, tiny_cfg.val_size, tiny_cfg.seed)
+    first_batch = next(iter(ShardedBatchSampler(len(train_idx), tiny_cfg.batch_size, seed=tiny_cfg.seed)))
+    bad = [train_idx[j] for j in first_batch]
+    cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_missing_images(tiny_assets, tmp_path / "d", bad),
+                              max_bad_fraction=0.5, max_steps=3)
+    assert main.train(cfg)["skipped"] == {"missing_image": 8}
+
+
+# ============================================================================ bad configuration
+def forbid_loading(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model or data set was loaded before the config was checked")
+    monkeypatch.setattr(models.vlm, "load_backbones", forbidden)
+    monkeypatch.setattr(main, "build_data", forbidden)
+
+
+BAD_CONFIGS = {  # id: (the field the error must name, the change; p holds a checkpoint and paths)
+    "unknown_phase": ("phase", lambda p: dict(phase="finetune")),
+    "lora_r_zero": ("lora_r", lambda p: dict(lora_r=0)),
+    "lora_r_negative_in_lora_phase": ("lora_r", lambda p: dict(lora_r=-4, phase="lora", init_from=p.checkpoint)),
+    "projector_lr_zero": ("projector_lr", lambda p: dict(projector_lr=0.0)),
+    "lora_lr_negative": ("lora_lr", lambda p: dict(lora_lr=-1e-4)),
+    "lora_targets_match_nothing": ("lora_targets", lambda p: dict(phase="lora", init_from=p.checkpoint,
+                                                                  lora_targets=("nope",))),
+    "pixel_unshuffle_not_dividing": ("pixel_unshuffle", lambda p: dict(pixel_unshuffle=3)),  # a 4x4 patch grid
+    "missing_data_dir": ("data_dir", lambda p: dict(data_dir=str(p.tmp / "no_such_dir"))),
+    "lora_without_init_from": ("init_from", lambda p: dict(phase="lora")),
+    "missing_init_from": ("init_from", lambda p: dict(phase="lora", init_from=str(p.tmp / "no_such_checkpoint"))),
+    "checkpoint_of_another_lm": ("lm_model", lambda p: dict(phase="lora", init_from=p.checkpoint,
+                                                            lm_model=p.other_lm)),
+    "checkpoint_of_another_projector": ("projector_hidden_dim", lambda p: dict(phase="lora", init_from=p.checkpoint,
+                                                                               projector_hidden_dim=32)),
+}
+
+
+@pytest.mark.parametrize("field, changes", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_bad_config_stops_before_anything_loads(tiny_cfg, tiny_assets, tmp_path, monkeypatch, field, changes):
+    checkpoint = tmp_path / "projector"
+    VLM.from_config(tiny_cfg).save(checkpoint)  # a projector-phase checkpoint of the tiny backbones
+    other_lm = shutil.copytree(tiny_assets.lm, tmp_path / "other_lm")  # the same LM, under another name
+    cfg = dataclasses.replace(tiny_cfg, **changes(SimpleNamespace(checkpoint=str(checkpoint), other_lm=str(other_lm),
+                                                                  tmp=tmp_path)))
+    forbid_loading(monkeypatch)
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        main.train(cfg)
+    with pytest.raises(SystemExit, match=f"error: .*'{field}'"):  # the command line says the same, no traceback
+        main.main(cli_args(cfg))
+
+
+# ============================================================================ non-finite losses, out of memory
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def spy_optimizer_steps(monkeypatch):
+    """Patches main.optimizer_step to record (weights changed?, finite) per call."""
+    real, calls = main.optimizer_step, []
+
+    def spy(cfg, params, optimizer, scheduler):
+        before = [p.detach().clone() for p in params]
+        finite = real(cfg, params, optimizer, scheduler)
+        calls.append((any(not torch.equal(b, p) for b, p in zip(before, params)), finite))
+        return finite
+    monkeypatch.setattr(main, "optimizer_step", spy)
+    return calls
+
+
+def test_non_finite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch):
+    real, calls = main.train_step, []
+
+    def nan_on_steps_2_and_3(forward, micro, device, autocast):
+        loss_sum, n = real(forward, micro, device, autocast)
+        calls.append(1)
+        if len(calls) in (2, 3):
+            for p in forward.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+            loss_sum = loss_sum * float("nan")
+        return loss_sum, n
+    monkeypatch.setattr(main, "train_step", nan_on_steps_2_and_3)
+    steps = spy_optimizer_steps(monkeypatch)
+    cfg = dataclasses.replace(tiny_cfg, max_steps=5, max_bad_steps=3)
+    result = main.train(cfg)
+    assert result["step"] == 5
+    assert steps == [(True, True), (False, False), (False, False), (True, True), (True, True)]
+    log = [json.loads(line) for line in open(Path(cfg.out_dir) / "log.jsonl") if '"bad_steps"' in line]
+    assert [entry["bad_steps"] for entry in log] == [0, 1, 2, 2, 2]
+    assert all(np.isfinite(entry["loss"]) for entry in log)  # a skipped step does not poison the logged loss
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint(tiny_cfg, monkeypatch):
+    real, start = main.build_model, {}
+
+    def inf_projector(cfg, device, resuming):
+        model = real(cfg, device, resuming)
+        with torch.no_grad():
+            model.projector.down.weight[0, 0] = float("inf")
+        start.update(trainable(model))
+        return model
+    monkeypatch.setattr(main, "build_model", inf_projector)
+    steps = spy_optimizer_steps(monkeypatch)
+    cfg = dataclasses.replace(tiny_cfg, max_steps=10, max_bad_steps=3)
+    with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss") as e:
+        main.train(cfg)
+    checkpoint = Path(cfg.out_dir) / "step_00000003"
+    assert str(checkpoint) in str(e.value) and steps == [(False, False)] * 3
+    assert same(load_file(str(checkpoint / WEIGHTS)), start)  # saved, and never stepped on NaN
+
+
+@pytest.mark.parametrize("where", ["train_step", "optimizer_step"])
+def test_out_of_memory_names_batch_size_and_grad_accum(tiny_cfg, monkeypatch, where):
+    real, calls = getattr(main, where), []
+
+    def oom_on_step_2(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args)
+    monkeypatch.setattr(main, where, oom_on_step_2)
+    steps = spy_optimizer_steps(monkeypatch) if where == "train_step" else None
+    cfg = dataclasses.replace(tiny_cfg, max_steps=4, save_every=1)
+    with pytest.raises(RuntimeError, match=r"batch_size=8.*--grad_accum"):
+        main.train(cfg)
+    if steps is not None:
+        assert steps == [(True, True)]  # the step that ran out of memory did not update anything
+    assert [p.name for p in Path(cfg.out_dir).glob("step_*")] == ["step_00000001"]
+
+
+# ============================================================================ crashes, signals, DDP
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(["main"])
+
+
+def _child(argv, log, env, fail_at):
+    """In a fresh child process: what `python main.py ARGV` does, output to `log`; with fail_at=(rank, step),
+    train_step raises on that rank at that step."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout.reconfigure(line_buffering=True)  # like python -u: a killed run's log is complete
+    os.environ.update(env)
+    if fail_at:
+        real, calls = main.train_step, []
+
+        def failing(*args):
+            calls.append(1)
+            if (int(os.environ["RANK"]), len(calls)) == fail_at:
+                raise RuntimeError(f"simulated failure at {fail_at}")
+            return real(*args)
+        main.train_step = failing
+    main.main(argv)
+
+
+class Run:
+    """One training process (see _child) and its log."""
+
+    def __init__(self, argv, log, env=None, fail_at=None):
+        self.log = Path(log)
+        self.process = FORKSERVER.Process(target=_child, args=(argv, str(log), env or {}, fail_at), daemon=True)
+        self.process.start()
+
+    def wait_for(self, condition, timeout=120):
+        """Polls `condition` until it holds (True) or the process has ended (False)."""
+        deadline = time.monotonic() + timeout
+        while self.process.is_alive() and time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.001)
+        assert time.monotonic() < deadline, f"timed out:\n{self.output()}"
+        return False
+
+    def signal(self, signum):
+        os.kill(self.process.pid, signum)
+
+    def finish(self, timeout=120):
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            pytest.fail(f"still running after {timeout}s:\n{self.output()}")
+        return self.process.exitcode
+
+    def output(self):
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+def steps_saved(out_dir):
+    return sorted(int(p.name[5:]) for p in Path(out_dir).glob("step_*"))
+
+
+def newest(out_dir):
+    return (steps_saved(out_dir) or [0])[-1]
+
+
+def log_lines(out_dir):
+    """Lines of out_dir/log.jsonl: one per trained step (log_every=1)."""
+    path = Path(out_dir) / "log.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def final_weights(out_dir):
+    return load_file(str(Path(out_dir) / f"step_{newest(out_dir):08d}" / WEIGHTS))
+
+
+def unbroken_weights(cfg):
+    """The final weights of the same run, in this process and never interrupted."""
+    out_dir = cfg.out_dir + "-unbroken"
+    main.train(dataclasses.replace(cfg, out_dir=out_dir))
+    return final_weights(out_dir)
+
+
+def run_to_completion(cfg, log, expected_weights):
+    run = Run(cli_args(cfg), log)
+    assert run.finish() == 0, run.output()
+    assert newest(cfg.out_dir) == cfg.max_steps
+    assert same(final_weights(cfg.out_dir), expected_weights)
+    return run
+
+
+def kill_when(cfg, log, condition, delay=0.0):
+    """Starts a run and SIGKILLs it `delay` seconds after `condition` holds."""
+    run = Run(cli_args(cfg), log)
+    assert run.wait_for(condition), f"ended before the kill:\n{run.output()}"
+    time.sleep(delay)
+    run.signal(signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL
+    return run
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_matches_an_unbroken_run(tiny_cfg, tmp_path):
+    cfg = dataclasses.replace(tiny_cfg, max_steps=16, batch_size=4, save_every=1, keep_last=2)
+    out, rng = Path(cfg.out_dir), random.Random(0)
+    expected = unbroken_weights(cfg)
+    saving = lambda: any(out.glob(".tmp-step_*"))  # noqa: E731
+    kill_when(cfg, tmp_path / "start.txt", lambda: True, delay=0.5)  # while it loads the model and data
+    for attempt in range(8):  # during a save; again if that save ended between the poll and the kill
+        kill_when(cfg, tmp_path / f"save{attempt}.txt", saving)
+        if saving():
+            break
+    assert saving(), "never caught a save in progress"
+    for i in range(3):  # at random times within the steps after this run's first new checkpoint
+        before = newest(out)
+        run = kill_when(cfg, tmp_path / f"random{i}.txt", lambda: newest(out) > before, rng.uniform(0, 0.1))
+        assert not before or f"resumed from {out / f'step_{before:08d}'}" in run.output()
+        latest = out / f"step_{newest(out):08d}"  # the newest checkpoint is always whole
+        assert sorted(p.name for p in latest.iterdir()) == ["config.json", "rng_0.pt", "train_state.pt", WEIGHTS]
+    assert newest(out) < cfg.max_steps
+    run_to_completion(cfg, tmp_path / "last.txt", expected)
+    assert not list(out.glob(".tmp-*"))  # the half-written checkpoint was cleared when its step was saved again
+    assert all(json.loads(line) for line in log_lines(out))  # and no log line was torn
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigint_save_and_exit_cleanly_then_resume_exactly(tiny_cfg, tmp_path):
+    cfg = dataclasses.replace(tiny_cfg, max_steps=16, batch_size=4, save_every=1000)  # saves only when asked
+    out = Path(cfg.out_dir)
+    expected = unbroken_weights(cfg)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        before, lines = newest(out), len(log_lines(out))
+        run = Run(cli_args(cfg), tmp_path / f"{signum.name}.txt")
+        assert run.wait_for(lambda: len(log_lines(out)) > lines), run.output()  # once it has trained a step
+        run.signal(signum)
+        assert run.finish() == 0, run.output()
+        assert f"{signum.name}: finishing this step, saving, then exiting" in run.output()
+        assert before < newest(out) < cfg.max_steps  # it saved the step it stopped after, and trained no other
+        assert json.loads(log_lines(out)[-1])["step"] == newest(out)
+        assert not before or f"resumed from {out / f'step_{before:08d}'}" in run.output()
+    run_to_completion(cfg, tmp_path / "last.txt", expected)
+
+
+def test_a_second_ctrl_c_stops_at_once(capsys):
+    handler = signal.getsignal(signal.SIGINT)
+    with main.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM only ever asks
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is handler  # and the handlers are restored after
+    assert "SIGTERM: finishing this step, saving, then exiting" in capsys.readouterr().out
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["processes", "torchrun"])
+def test_ddp_rank_failure_ends_every_rank_without_a_hang(tiny_cfg, tmp_path, launcher):
+    """Rank 1 raises at step 2 while rank 0 waits for it in an all-reduce: both exit non-zero, promptly.
+    `processes`: two plain processes, so rank 0 must end by itself (no agent stops it)."""
+    args, timeout = cli_args(tiny_cfg, max_steps=6, batch_size=4), 120
+    if launcher == "processes":
+        env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        runs = [Run(args, tmp_path / f"rank{r}.txt", dict(env, RANK=str(r), LOCAL_RANK=str(r)), fail_at=(1, 2))
+                for r in (0, 1)]
+        assert [run.finish(timeout) for run in runs] == [1, 1], [run.output() for run in runs]
+    else:
+        script = tmp_path / "failing_rank.py"
+        script.write_text(f"import os, sys\nsys.path[:0] = {[str(REPO), str(REPO / 'tests')]}\n"
+                          "from test_robustness import _child\n"
+                          f"_child(sys.argv[1:], f'{tmp_path}/rank{{os.environ[\"RANK\"]}}.txt', {{}}, (1, 2))\n")
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        assert out.returncode != 0
+        codes = dict(re.findall(r"rank\s*: (\d) .*\n\s*exitcode\s*: (-?\d+)", out.stderr))  # its summary
+        assert codes.keys() == {"0", "1"} and "0" not in codes.values(), out.stderr[-3000:]
+    assert "simulated failure at (1, 2)" in (tmp_path / "rank1.txt").read_text()
+    assert "RuntimeError" in (tmp_path / "rank0.txt").read_text()  # an error of its own, not a kill
