@@ -21,7 +21,7 @@ from data.llava import decode_image
 from models.config import ConfigError
 from models.lora import strip_lora
 from models.prompt import DEFAULT_PROMPT, SampleError
-from models.vlm import VLM, HubError
+from models.vlm import VLM, HubError, image_pixels
 
 
 def load_image(path):
@@ -43,7 +43,7 @@ def caption_files(model, paths, batch_size, **generate_kw):
             except SampleError as e:
                 yield path, None, e
         if images:
-            pixel_values = model.processor(images=images, return_tensors="pt")["pixel_values"]  # [B, 3, H, W]
+            pixel_values = image_pixels(model.processor, images)  # [B, 3, H, W] uint8
             for path, caption in zip(good, model.generate(pixel_values.to(device), **generate_kw)):
                 yield path, caption, None
 

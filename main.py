@@ -99,15 +99,16 @@ def build_data(cfg, model, rank, world):
     return train_loader, sampler, val_loader, val_set
 
 
-def build_optimizer(cfg, model, device):
+def build_optimizer(cfg, model):
     """AdamW with one group per (lr, weight decay): projector vs adapters; decay on matrices only."""
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             lr = cfg.projector_lr if name.startswith("projector.") else cfg.lora_lr
             groups.setdefault((lr, cfg.weight_decay if p.ndim >= 2 else 0.0), []).append(p)
+    # fused on every device: one kernel for all tensors, and it can skip a step on the device (found_inf)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-                             fused=device.type == "cuda")
+                             fused=True)
 
 
 def lr_schedule(total_steps, warmup_frac):
@@ -145,8 +146,9 @@ def matmul_params(module):
     return dense, lora
 
 
-def step_flops(model, lengths, n_label_tokens):
-    """Model FLOPs of one training step (a multiply-add is 2 FLOPs), written out so it can be checked.
+def flop_counter(model):
+    """Returns flops(lengths, n_label_tokens): model FLOPs of one training step (a multiply-add is 2 FLOPs),
+    written out so it can be checked. The parameter counts are taken once, here.
 
     vision (frozen, forward only):      2 * P_v * N  + 4 * L_v * N^2 * D_v          per image
     projector (trained):                6 * P_p * n_img                             per image
@@ -161,8 +163,12 @@ def step_flops(model, lengths, n_label_tokens):
     p_lm, p_lora = matmul_params(model.lm.base_model)
     per_image = 2 * p_vision * n_patches + 4 * v.num_hidden_layers * n_patches ** 2 * v.hidden_size \
         + 6 * p_proj * model.n_image_tokens
-    lm_flops = sum((4 * p_lm + 6 * p_lora) * T + 12 * lm.num_hidden_layers * T * T * lm.hidden_size for T in lengths)
-    return len(lengths) * per_image + lm_flops + 4 * lm.vocab_size * lm.hidden_size * n_label_tokens
+    per_token, per_token_pair = 4 * p_lm + 6 * p_lora, 12 * lm.num_hidden_layers * lm.hidden_size
+    per_label = 4 * lm.vocab_size * lm.hidden_size
+
+    def flops(lengths, n_label_tokens):
+        return sum(per_image + per_token * T + per_token_pair * T * T for T in lengths) + per_label * n_label_tokens
+    return flops
 
 
 def peak_flops(device):
@@ -254,7 +260,7 @@ def train_step(forward, micro, device, autocast):
     """Forward/backward over the micro-batches of one step. Each micro-batch's summed loss is divided by
     the label-token count of the whole global batch, so the accumulated gradient is exactly the gradient
     of the whole batch (not a mean of per-micro-batch means)."""
-    n_global = all_reduce(torch.tensor(float(sum(b["n_label_tokens"] for b in micro)), device=device))
+    n_global = all_reduce(torch.full((), float(sum(b["n_label_tokens"] for b in micro)), device=device))
     loss_sum = torch.zeros((), device=device)
     for b in micro:
         if b["pixel_values"] is None:  # every record of this micro-batch was unusable
@@ -267,14 +273,37 @@ def train_step(forward, micro, device, autocast):
 
 
 def optimizer_step(cfg, params, optimizer, scheduler):
+    """Clip, then step unless the gradient is non-finite. Returns that verdict as a device tensor: the
+    skip happens on the device (fused AdamW's found_inf, the hook GradScaler uses), so no step waits on
+    the host to read it."""
     sync_gradients(params)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-    finite = bool(torch.isfinite(norm))  # the one host sync per step: never train on NaN/inf
-    if finite:
-        optimizer.step()
+    finite = torch.isfinite(norm)
+    optimizer.found_inf = (~finite).float()
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return finite
+
+
+class NonFiniteSteps:
+    """Skipped (non-finite) steps, counted on the device and read at log lines and saves."""
+
+    def __init__(self, device, total=0, streak=0):
+        self.total, self.streak = torch.tensor(total, device=device), torch.tensor(streak, device=device)
+        self.longest = self.streak.clone()  # longest streak since the last read
+
+    def add(self, finite):
+        bad = (~finite).long()
+        self.total = self.total + bad
+        self.streak = (self.streak + 1) * bad
+        self.longest = torch.maximum(self.longest, self.streak)
+
+    def read(self, state):
+        """Copies the counts into `state` (a host sync); returns the longest streak since the last read."""
+        state["bad_steps"], state["bad_in_a_row"], longest = torch.stack([self.total, self.streak, self.longest]).tolist()
+        self.longest = self.streak.clone()
+        return longest
 
 
 def count_data(cfg, state, micro, min_seen):
@@ -295,7 +324,8 @@ class Meter:
     """Throughput between two log lines. Host clocks only: the loss is read once per log line."""
 
     def __init__(self, model, device, world):
-        self.model, self.device, self.world, self.peak = model, device, world, peak_flops(device)
+        self.device, self.world, self.peak = device, world, peak_flops(device)
+        self.flops_of = flop_counter(model)
         self.reset()
 
     def reset(self):
@@ -303,13 +333,13 @@ class Meter:
         self.loss_sum = torch.zeros((), device=self.device)
         self.n_tokens = torch.zeros((), device=self.device)
 
-    def add(self, micro, loss_sum, n_global, data_wait):
+    def add(self, micro, loss_sum, n_global, finite, data_wait):
         lengths = [n for b in micro for n in b["attention_mask"].sum(1).tolist()]  # unpadded, on the CPU
         self.steps, self.samples, self.tokens = self.steps + 1, self.samples + len(lengths), self.tokens + sum(lengths)
-        self.flops += step_flops(self.model, lengths, sum(b["n_label_tokens"] for b in micro))
+        self.flops += self.flops_of(lengths, sum(b["n_label_tokens"] for b in micro))
         self.data_wait += data_wait
-        self.loss_sum += loss_sum
-        self.n_tokens += n_global
+        self.loss_sum += torch.where(finite, loss_sum, 0.0)  # a skipped step does not poison the logged loss
+        self.n_tokens += torch.where(finite, n_global, 0.0)
 
     def read(self):
         loss = (all_reduce(self.loss_sum.clone()) / self.n_tokens.clamp(min=1)).item()  # syncs the GPU
@@ -357,24 +387,47 @@ def sample_captions(model, val_set, n, device):
     return rows
 
 
-def report(cfg, rank, wandb_run, step, metrics, captions=()):
-    if rank != 0:
-        return
-    with open(Path(cfg.out_dir) / "log.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-    for id_, caption, truth in captions:
-        tqdm.write(f"  [{id_}] {caption!r}  (reference: {truth!r})")
-    if wandb_run:
-        import wandb
-        extra = {"captions": wandb.Table(columns=["id", "caption", "reference"], data=list(captions))} if captions else {}
-        wandb_run.log({**metrics, **extra}, step=step)
+class Reporter:
+    """Rank 0 writes log.jsonl, prints, and logs to wandb when a project is set; other ranks stay quiet."""
+
+    def __init__(self, cfg, rank):
+        self.path, self.quiet, self.wandb = Path(cfg.out_dir) / "log.jsonl", rank != 0, None
+        if cfg.wandb_project and not self.quiet:
+            import wandb
+            self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), resume="allow")
+
+    def print(self, line):
+        if not self.quiet:
+            tqdm.write(line)
+
+    def log(self, step, metrics, captions=()):
+        if self.quiet:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for id_, caption, truth in captions:
+            tqdm.write(f"  [{id_}] {caption!r}  (reference: {truth!r})")
+        if self.wandb:
+            import wandb
+            extra = {"captions": wandb.Table(columns=["id", "caption", "reference"], data=list(captions))} if captions else {}
+            self.wandb.log({**metrics, **extra}, step=step)
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
+def out_of_memory(cfg):
+    return RuntimeError(f"CUDA out of memory at batch_size={cfg.batch_size}, max_text_tokens={cfg.max_text_tokens}. "
+                        "Lower --batch_size and raise --grad_accum by the same factor (the global batch stays), "
+                        "or turn --pixel_unshuffle 2 on to cut image tokens by 4x")
 
 
 def train(cfg: VLMConfig):
     """Run one phase. Returns {"step", "losses": [(step, loss)], "stats": [per log line], "val_loss",
     "skipped": {reason: count}, "checkpoint", "model"}."""
     cfg.validate()
-    preflight(cfg)
+    preflight(cfg)  # config errors surface here, before any weights or data load
     rank, world, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     resume_from = resolve_checkpoint(cfg.out_dir) if cfg.resume and any(Path(cfg.out_dir).glob("step_*")) else None
@@ -385,7 +438,7 @@ def train(cfg: VLMConfig):
         raise ConfigError(f"config field 'grad_accum' = {cfg.grad_accum}: more micro-batches than one epoch "
                           f"has ({len(sampler)} per rank); lower grad_accum or batch_size")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    optimizer = build_optimizer(cfg, model, device)
+    optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(total, cfg.warmup_frac))
     state = {"step": 0, "seen": 0, "skipped": Counter(), "bad_examples": [], "bad_steps": 0, "bad_in_a_row": 0}
     if resume_from:
@@ -395,74 +448,88 @@ def train(cfg: VLMConfig):
         if dist.is_initialized():
             dist.broadcast(p.data, 0)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    forward = torch.compile(model) if cfg.compile else model
-    wandb_run = None
-    if cfg.wandb_project and rank == 0:
-        import wandb
-        wandb_run = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), resume="allow")
     if rank == 0:
-        n_train = sum(p.numel() for p in params)
-        print(f"phase {cfg.phase}: {n_train:,} trainable parameters, {model.n_image_tokens} image tokens, "
-              f"{len(sampler) * cfg.batch_size * world:,} samples/epoch, global batch "
+        print(f"phase {cfg.phase}: {sum(p.numel() for p in params):,} trainable parameters, {model.n_image_tokens} "
+              f"image tokens, {len(sampler) * cfg.batch_size * world:,} samples/epoch, global batch "
               f"{cfg.batch_size * cfg.grad_accum * world}, steps {state['step']}->{total}"
               + (f", resumed from {resume_from}" if resume_from else ""))
-    result = {"losses": [], "stats": [], "val_loss": None, "checkpoint": resume_from}
-    meter = Meter(model, device, world)
+    run = dict(cfg=cfg, rank=rank, world=world, device=device, model=model, params=params, optimizer=optimizer,
+               scheduler=scheduler, state=state, total=total, val_loader=val_loader, val_set=val_set)
     batches = micro_batches(sampler, train_loader, state["step"], steps_per_epoch, cfg.grad_accum)
-    bar = tqdm(total=total, initial=state["step"], disable=rank != 0, dynamic_ncols=True, leave=False)
+    result = loop(run, batches, min_seen=min(100, len(sampler) * cfg.batch_size))
+    if rank == 0 and state["skipped"]:
+        print(f"skipped {sum(state['skipped'].values())} of {state['seen']} samples: {dict(state['skipped'])}")
+    return {**result, "checkpoint": result["checkpoint"] or resume_from, "step": state["step"],
+            "skipped": dict(state["skipped"]), "model": model}
+
+
+def loop(run, batches, min_seen):
+    """The steps of one phase, from state["step"] to total: train, log, evaluate, save, stop on request."""
+    cfg, state, device, model, total = run["cfg"], run["state"], run["device"], run["model"], run["total"]
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    forward = torch.compile(model) if cfg.compile else model
+    meter, bad, reporter = Meter(model, device, run["world"]), NonFiniteSteps(device, state["bad_steps"],
+                                                                              state["bad_in_a_row"]), Reporter(cfg, run["rank"])
+    result = {"losses": [], "stats": [], "val_loss": None, "checkpoint": None}
+
+    def save():
+        bad.read(state)
+        result["checkpoint"] = save_checkpoint(cfg, model, run["optimizer"], run["scheduler"], state, run["rank"])
+
+    bar = tqdm(total=total, initial=state["step"], disable=run["rank"] != 0, dynamic_ncols=True, leave=False)
     with StopRequest() as stop:
         while state["step"] < total:
             t_wait = time.perf_counter()
             micro = next(batches)
             data_wait = time.perf_counter() - t_wait
-            count_data(cfg, state, micro, min_seen=min(100, len(sampler) * cfg.batch_size))
+            count_data(cfg, state, micro, min_seen)
             try:
                 loss_sum, n_global = train_step(forward, micro, device, autocast)
-                finite = optimizer_step(cfg, params, optimizer, scheduler)
+                finite = optimizer_step(cfg, run["params"], run["optimizer"], run["scheduler"])
             except torch.cuda.OutOfMemoryError:
-                raise RuntimeError(
-                    f"CUDA out of memory at batch_size={cfg.batch_size}, max_text_tokens={cfg.max_text_tokens}. "
-                    "Lower --batch_size and raise --grad_accum by the same factor (the global batch stays), "
-                    "or turn --pixel_unshuffle 2 on to cut image tokens by 4x") from None
+                raise out_of_memory(cfg) from None
             state["step"] += 1
             bar.update(1)
-            state["bad_in_a_row"] = 0 if finite else state["bad_in_a_row"] + 1
-            state["bad_steps"] += not finite
-            meter.add(micro, loss_sum if finite else torch.zeros_like(loss_sum), n_global if finite else 0, data_wait)
+            bad.add(finite)
+            meter.add(micro, loss_sum, n_global, finite, data_wait)
             step, done = state["step"], state["step"] == total
-            if state["bad_in_a_row"] >= cfg.max_bad_steps:
-                result["checkpoint"] = save_checkpoint(cfg, model, optimizer, scheduler, state, rank)
-                raise RuntimeError(f"{cfg.max_bad_steps} steps in a row had a non-finite loss or gradient "
-                                   f"(step {step}); saved {result['checkpoint']}. Lower the learning rate (or raise --max_bad_steps).")
             if step % cfg.log_every == 0 or done:
-                stats = meter.read()
-                result["losses"].append((step, stats["loss"]))
-                result["stats"].append(stats)
-                lr = scheduler.get_last_lr()[0]
-                if rank == 0:
-                    tqdm.write(format_line(step, total, lr, stats, sum(state["skipped"].values())))
-                report(cfg, rank, wandb_run, step, {**stats, "lr": lr, "bad_steps": state["bad_steps"],
-                                                    **{f"skipped/{k}": v for k, v in state["skipped"].items()}})
+                if bad.read(state) >= cfg.max_bad_steps:  # checked where the loop syncs anyway
+                    save()
+                    raise RuntimeError(f"{cfg.max_bad_steps} steps in a row had a non-finite loss or gradient (by "
+                                       f"step {step}); saved {result['checkpoint']}. Lower the learning rate "
+                                       "(or raise --max_bad_steps).")
+                log_step(run, reporter, meter, result)
             if step % cfg.eval_every == 0 or done:
-                result["val_loss"] = evaluate(model, val_loader, device, autocast)
-                captions = sample_captions(model, val_set, cfg.eval_captions, device) if rank == 0 else []
-                if rank == 0:
-                    tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}")
-                report(cfg, rank, wandb_run, step, {"val_loss": result["val_loss"]}, captions)
+                log_eval(run, reporter, autocast, result)
             stopping = stop.requested
-            if world > 1:  # every rank stops together if any was asked to
+            if run["world"] > 1:  # every rank stops together if any was asked to
                 stopping = bool(all_reduce(torch.tensor(float(stopping), device=device)) > 0)
             if step % cfg.save_every == 0 or done or stopping:
-                result["checkpoint"] = save_checkpoint(cfg, model, optimizer, scheduler, state, rank)
+                save()
             if stopping:
                 break
     bar.close()
-    if wandb_run:
-        wandb_run.finish()
-    if rank == 0 and state["skipped"]:
-        print(f"skipped {sum(state['skipped'].values())} of {state['seen']} samples: {dict(state['skipped'])}")
-    return {**result, "step": state["step"], "skipped": dict(state["skipped"]), "model": model}
+    reporter.close()
+    return result
+
+
+def log_step(run, reporter, meter, result):
+    state, lr = run["state"], run["scheduler"].get_last_lr()[0]
+    stats = meter.read()
+    result["losses"].append((state["step"], stats["loss"]))
+    result["stats"].append(stats)
+    reporter.print(format_line(state["step"], run["total"], lr, stats, sum(state["skipped"].values())))
+    reporter.log(state["step"], {**stats, "lr": lr, "bad_steps": state["bad_steps"],
+                                 **{f"skipped/{k}": v for k, v in state["skipped"].items()}})
+
+
+def log_eval(run, reporter, autocast, result):
+    model, step = run["model"], run["state"]["step"]
+    result["val_loss"] = evaluate(model, run["val_loader"], run["device"], autocast)
+    captions = sample_captions(model, run["val_set"], run["cfg"].eval_captions, run["device"]) if run["rank"] == 0 else []
+    reporter.print(f"step {step}: val loss {result['val_loss']:.4f}")
+    reporter.log(step, {"val_loss": result["val_loss"]}, captions)
 
 
 # ----------------------------------------------------------------------------- offline demo

@@ -19,6 +19,7 @@ from PIL import Image
 
 from data.download import DataError
 from models.prompt import IGNORE, SampleError, encode, to_messages
+from models.vlm import image_pixels
 
 
 def load_records(chat_json):
@@ -121,7 +122,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             record_id = str(record.get("id", record_id)).encode("utf-8", "backslashreplace").decode()  # printable
             input_ids, labels = self.encode_text(record.get("conversations"))
             image = decode_image(self.images.read(record["image"]))
-            pixel_values = self.processor(images=[image], return_tensors="pt")["pixel_values"][0]  # [3, H, W]
+            pixel_values = image_pixels(self.processor, [image])[0]  # [3, H, W] uint8
         except SampleError as e:
             return {"skip": e.reason, "id": record_id}
         return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),

@@ -92,6 +92,22 @@ def truncate_vision(vision, layer):
     return vision
 
 
+def image_pixels(processor, images):
+    """PIL images -> uint8 [B, 3, H, W], resized as the checkpoint's processor does. Rescaling and normalising
+    happen on the device (VLM.encode_images): data workers then ship a quarter of the bytes and skip the
+    float work, and training and generation cannot disagree about it."""
+    pixels = processor(images=images, return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"]
+    return pixels.to(torch.uint8)
+
+
+def pixel_normalization(processor):
+    """(scale, shift) with scale * pixel - shift == the processor's (pixel * rescale_factor - mean) / std."""
+    rescale = processor.rescale_factor if processor.do_rescale else 1.0
+    mean, std = (processor.image_mean, processor.image_std) if processor.do_normalize else (0.0, 1.0)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))  # [3, 1, 1]
+    return rescale / std, mean / std
+
+
 @dataclass
 class VLMOutput:
     loss: torch.Tensor = None      # mean over label tokens
@@ -112,6 +128,9 @@ class VLM(nn.Module):
         vcfg = getattr(vision.config, "vision_config", vision.config)
         self.projector = Projector(vcfg.hidden_size, lm.config.hidden_size, cfg.projector_hidden_dim,
                                    cfg.pixel_unshuffle)
+        scale, shift = pixel_normalization(processor)
+        self.register_buffer("pixel_scale", scale, persistent=False)  # [3, 1, 1]
+        self.register_buffer("pixel_shift", shift, persistent=False)
         self.vision.requires_grad_(False)
         self.lm.requires_grad_(False)
         if cfg.phase == "lora":
@@ -140,9 +159,12 @@ class VLM(nn.Module):
         return self
 
     # --- forward ---
-    def encode_images(self, pixel_values):                      # [B, 3, H, W]
+    def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8
+        if pixel_values.dtype != torch.uint8:
+            raise TypeError(f"pixel_values must be uint8 images from models.vlm.image_pixels, got {pixel_values.dtype}")
+        pixels = pixel_values.float() * self.pixel_scale - self.pixel_shift  # normalised as the processor would
         with torch.set_grad_enabled(self.cfg.lora_vision and torch.is_grad_enabled()):
-            feats = self.vision(pixel_values=pixel_values.to(self.vision.dtype)).last_hidden_state  # [B, N, Dv]
+            feats = self.vision(pixel_values=pixels.to(self.vision.dtype)).last_hidden_state  # [B, N, Dv]
         return self.projector(feats)                            # [B, n_image_tokens, D]
 
     def embed(self, input_ids, pixel_values):
@@ -175,7 +197,7 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, pixel_values, prompt=DEFAULT_PROMPT, max_new_tokens=32, temperature=0.0, top_p=1.0,
                  use_cache=True):
-        """Caption a batch of images [B, 3, H, W]: the vision tower runs once per image, then the LM
+        """Caption a batch of uint8 images [B, 3, H, W] (image_pixels): the vision tower runs once per image, then the LM
         decodes with its KV cache; each sequence stops at its own end-of-turn token."""
         ids = torch.tensor([encode_prompt(self.tokenizer, prompt, self.n_image_tokens)] * len(pixel_values),
                            device=pixel_values.device)  # one prompt for all: no padding needed

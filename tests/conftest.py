@@ -68,5 +68,5 @@ def tiny_batch():
         return {"input_ids": torch.tensor([pad(ids, model.tokenizer.pad_token_id) for ids, _ in samples]),
                 "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in samples]),
                 "labels": torch.tensor([pad(labels, IGNORE) for _, labels in samples]),
-                "pixel_values": torch.randn(len(captions), 3, size, size)}
+                "pixel_values": torch.randint(0, 256, (len(captions), 3, size, size), dtype=torch.uint8)}
     return build

@@ -16,7 +16,7 @@ from data.shapes import draw
 from generate import export, load_image
 from models.lora import lora_layers
 from models.prompt import DEFAULT_PROMPT, encode_prompt
-from models.vlm import VLM
+from models.vlm import VLM, image_pixels
 
 SHAPES = [draw("red", "circle", "top left"), draw("blue", "square", "center"),
           draw("green", "triangle", "bottom right"), draw("white", "circle", "bottom left")]
@@ -32,7 +32,7 @@ def tiny_model(cfg, **overrides):
 
 
 def pixels(model, images=SHAPES):
-    return model.processor(images=images, return_tensors="pt")["pixel_values"]  # [B, 3, H, W]
+    return image_pixels(model.processor, images)  # [B, 3, H, W] uint8
 
 
 def test_kv_cache_gives_the_same_captions(tiny_cfg):

@@ -190,12 +190,12 @@ def test_each_bad_record_is_used_or_skipped_with_its_reason(tiny_assets, tiny_cf
         item["id"].encode("utf-8")  # every id is printable, whatever the record held
         if "skip" in item:
             continue
-        assert item["pixel_values"].shape == (3, size, size) and torch.isfinite(item["pixel_values"]).all()
-        assert item["pixel_values"].std() > 0, name  # not a blank image (16-bit is rescaled, not clipped)
+        assert item["pixel_values"].shape == (3, size, size) and item["pixel_values"].dtype == torch.uint8
+        assert item["pixel_values"].float().std() > 0, name  # not a blank image (16-bit is rescaled, not clipped)
         assert len(item["input_ids"]) == len(item["labels"]) <= tiny_cfg.max_text_tokens + model.n_image_tokens
         text = trained_text(model, item)
-        if name == "rgba":  # the transparent half is composited over white (1.0 after normalisation)
-            assert torch.allclose(item["pixel_values"][:, :, -size // 4:], torch.ones(()), atol=0.02)
+        if name == "rgba":  # the transparent half is composited over white
+            assert (item["pixel_values"][:, :, -size // 4:] >= 250).all()
         if name == "exotic_unicode":
             assert text == EXOTIC + "<|im_end|>"
         if name == "non_utf8_bytes":
@@ -338,7 +338,7 @@ def spy_optimizer_steps(monkeypatch):
     def spy(cfg, params, optimizer, scheduler):
         before = [p.detach().clone() for p in params]
         finite = real(cfg, params, optimizer, scheduler)
-        calls.append((any(not torch.equal(b, p) for b, p in zip(before, params)), finite))
+        calls.append((any(not torch.equal(b, p) for b, p in zip(before, params)), bool(finite)))
         return finite
     monkeypatch.setattr(main, "optimizer_step", spy)
     return calls
