@@ -151,7 +151,8 @@ def flop_counter(model):
     written out so it can be checked. The parameter counts are taken once, here.
 
     vision (frozen, forward only):      2 * P_v * N  + 4 * L_v * N^2 * D_v          per image
-    projector (trained):                6 * P_p * n_img                             per image
+    projector (trained; its input       4 * P_gate_up * n_img + 6 * P_down * n_img    per image
+        needs no gradient):
     LM (frozen: forward, plus backward  4 * P_lm * T + 12 * L * T^2 * D            per sample of T tokens
         to the activations only):       + 6 * P_lora * T  (adapters get weight gradients too)
     LM head (label positions only):     4 * V * D                                   per label token
@@ -159,10 +160,11 @@ def flop_counter(model):
     v, lm = model.vision.config, model.lm.config
     n_patches = (v.image_size // v.patch_size) ** 2
     p_vision, _ = matmul_params(model.vision)
-    p_proj, _ = matmul_params(model.projector)
+    p_down, _ = matmul_params(model.projector.down)
+    p_gate_up = matmul_params(model.projector)[0] - p_down
     p_lm, p_lora = matmul_params(model.lm.base_model)
     per_image = 2 * p_vision * n_patches + 4 * v.num_hidden_layers * n_patches ** 2 * v.hidden_size \
-        + 6 * p_proj * model.n_image_tokens
+        + (4 * p_gate_up + 6 * p_down) * model.n_image_tokens
     per_token, per_token_pair = 4 * p_lm + 6 * p_lora, 12 * lm.num_hidden_layers * lm.hidden_size
     per_label = 4 * lm.vocab_size * lm.hidden_size
 

@@ -1,6 +1,13 @@
 """The benchmark runs the real training loop; here on tiny backbones, on the CPU."""
+import dataclasses
+
+import pytest
+from torch.utils.flop_counter import FlopCounterMode
+
 import bench
 import main
+from models.prompt import IGNORE
+from models.vlm import VLM
 
 
 def test_bench_path_on_tiny_backbones(tmp_path, monkeypatch):
@@ -22,3 +29,20 @@ def test_cc3m_like_jpegs_are_cc3m_sized(tmp_path):
     with zipfile.ZipFile(tmp_path / "images.zip") as zf:
         sizes = [i.file_size for i in zf.infolist()]
     assert len(sizes) == 64 and 6_000 < sum(sizes) / len(sizes) < 20_000
+
+
+@pytest.mark.parametrize("phase", ["projector", "lora"])
+def test_written_flop_count_matches_pytorch_flop_counter(tiny_cfg, tiny_batch, phase):
+    """The MFU numerator (main.flop_counter, a formula) against what torch counts for one real training
+    forward + backward. One caption for all rows, so no padding: every counted token is a real one."""
+    model = VLM.from_config(dataclasses.replace(tiny_cfg, phase=phase))
+    batch = tiny_batch(model, ["a red circle at the center ."] * 4)
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss_sum.backward()
+    B, T = batch["input_ids"].shape
+    lm = model.lm.config
+    # torch also counts the Q @ K^T that flash attention's backward recomputes; model FLOPs leave it out
+    recomputed = 2 * lm.num_hidden_layers * T * T * lm.hidden_size * B
+    n_labels = int((batch["labels"][:, 1:] != IGNORE).sum())
+    written = main.flop_counter(model)([T] * B, n_labels)
+    assert written == pytest.approx(counter.get_total_flops() - recomputed, rel=1e-3)
