@@ -425,6 +425,23 @@ def out_of_memory(cfg):
                         "or turn --pixel_unshuffle 2 on to cut image tokens by 4x")
 
 
+@dataclasses.dataclass
+class Run:
+    """What the loop of one phase works on."""
+    cfg: VLMConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: VLM
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    state: dict  # step, data and non-finite counts: saved with every checkpoint
+    total: int
+    val_loader: DataLoader
+    val_set: LlavaDataset
+
+
 def train(cfg: VLMConfig):
     """Run one phase. Returns {"step", "losses": [(step, loss)], "stats": [per log line], "val_loss",
     "skipped": {reason: count}, "checkpoint", "model"}."""
@@ -455,8 +472,7 @@ def train(cfg: VLMConfig):
               f"image tokens, {len(sampler) * cfg.batch_size * world:,} samples/epoch, global batch "
               f"{cfg.batch_size * cfg.grad_accum * world}, steps {state['step']}->{total}"
               + (f", resumed from {resume_from}" if resume_from else ""))
-    run = dict(cfg=cfg, rank=rank, world=world, device=device, model=model, params=params, optimizer=optimizer,
-               scheduler=scheduler, state=state, total=total, val_loader=val_loader, val_set=val_set)
+    run = Run(cfg, rank, world, device, model, params, optimizer, scheduler, state, total, val_loader, val_set)
     batches = micro_batches(sampler, train_loader, state["step"], steps_per_epoch, cfg.grad_accum)
     result = loop(run, batches, min_seen=min(100, len(sampler) * cfg.batch_size))
     if rank == 0 and state["skipped"]:
@@ -467,18 +483,18 @@ def train(cfg: VLMConfig):
 
 def loop(run, batches, min_seen):
     """The steps of one phase, from state["step"] to total: train, log, evaluate, save, stop on request."""
-    cfg, state, device, model, total = run["cfg"], run["state"], run["device"], run["model"], run["total"]
+    cfg, state, device, model, total = run.cfg, run.state, run.device, run.model, run.total
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     forward = torch.compile(model) if cfg.compile else model
-    meter, bad, reporter = Meter(model, device, run["world"]), NonFiniteSteps(device, state["bad_steps"],
-                                                                              state["bad_in_a_row"]), Reporter(cfg, run["rank"])
+    meter, reporter = Meter(model, device, run.world), Reporter(cfg, run.rank)
+    bad = NonFiniteSteps(device, state["bad_steps"], state["bad_in_a_row"])
     result = {"losses": [], "stats": [], "val_loss": None, "checkpoint": None}
 
     def save():
         bad.read(state)
-        result["checkpoint"] = save_checkpoint(cfg, model, run["optimizer"], run["scheduler"], state, run["rank"])
+        result["checkpoint"] = save_checkpoint(cfg, model, run.optimizer, run.scheduler, state, run.rank)
 
-    bar = tqdm(total=total, initial=state["step"], disable=run["rank"] != 0, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total, initial=state["step"], disable=run.rank != 0, dynamic_ncols=True, leave=False)
     with StopRequest() as stop:
         while state["step"] < total:
             t_wait = time.perf_counter()
@@ -487,7 +503,7 @@ def loop(run, batches, min_seen):
             count_data(cfg, state, micro, min_seen)
             try:
                 loss_sum, n_global = train_step(forward, micro, device, autocast)
-                finite = optimizer_step(cfg, run["params"], run["optimizer"], run["scheduler"])
+                finite = optimizer_step(cfg, run.params, run.optimizer, run.scheduler)
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory(cfg) from None
             state["step"] += 1
@@ -505,7 +521,7 @@ def loop(run, batches, min_seen):
             if step % cfg.eval_every == 0 or done:
                 log_eval(run, reporter, autocast, result)
             stopping = stop.requested
-            if run["world"] > 1:  # every rank stops together if any was asked to
+            if run.world > 1:  # every rank stops together if any was asked to
                 stopping = bool(all_reduce(torch.tensor(float(stopping), device=device)) > 0)
             if step % cfg.save_every == 0 or done or stopping:
                 save()
@@ -517,19 +533,19 @@ def loop(run, batches, min_seen):
 
 
 def log_step(run, reporter, meter, result):
-    state, lr = run["state"], run["scheduler"].get_last_lr()[0]
+    state, lr = run.state, run.scheduler.get_last_lr()[0]
     stats = meter.read()
     result["losses"].append((state["step"], stats["loss"]))
     result["stats"].append(stats)
-    reporter.print(format_line(state["step"], run["total"], lr, stats, sum(state["skipped"].values())))
+    reporter.print(format_line(state["step"], run.total, lr, stats, sum(state["skipped"].values())))
     reporter.log(state["step"], {**stats, "lr": lr, "bad_steps": state["bad_steps"],
                                  **{f"skipped/{k}": v for k, v in state["skipped"].items()}})
 
 
 def log_eval(run, reporter, autocast, result):
-    model, step = run["model"], run["state"]["step"]
-    result["val_loss"] = evaluate(model, run["val_loader"], run["device"], autocast)
-    captions = sample_captions(model, run["val_set"], run["cfg"].eval_captions, run["device"]) if run["rank"] == 0 else []
+    model, step = run.model, run.state["step"]
+    result["val_loss"] = evaluate(model, run.val_loader, run.device, autocast)
+    captions = sample_captions(model, run.val_set, run.cfg.eval_captions, run.device) if run.rank == 0 else []
     reporter.print(f"step {step}: val loss {result['val_loss']:.4f}")
     reporter.log(step, {"val_loss": result["val_loss"]}, captions)
 
