@@ -159,12 +159,16 @@ class VLM(nn.Module):
         return self
 
     # --- forward ---
-    def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8
+    def normalize(self, pixel_values):                         # [B, 3, H, W] uint8 -> float32
+        """Rescale and normalise on the device, as the checkpoint's image processor would."""
         if pixel_values.dtype != torch.uint8:
             raise TypeError(f"pixel_values must be uint8 images from models.vlm.image_pixels, got {pixel_values.dtype}")
-        pixels = pixel_values.float() * self.pixel_scale - self.pixel_shift  # normalised as the processor would
+        return pixel_values.float() * self.pixel_scale - self.pixel_shift
+
+    def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8
+        pixels = self.normalize(pixel_values).to(self.vision.dtype)
         with torch.set_grad_enabled(self.cfg.lora_vision and torch.is_grad_enabled()):
-            feats = self.vision(pixel_values=pixels.to(self.vision.dtype)).last_hidden_state  # [B, N, Dv]
+            feats = self.vision(pixel_values=pixels).last_hidden_state  # [B, N, Dv]
         return self.projector(feats)                            # [B, n_image_tokens, D]
 
     def embed(self, input_ids, pixel_values):
@@ -197,8 +201,8 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, pixel_values, prompt=DEFAULT_PROMPT, max_new_tokens=32, temperature=0.0, top_p=1.0,
                  use_cache=True):
-        """Caption a batch of uint8 images [B, 3, H, W] (image_pixels): the vision tower runs once per image, then the LM
-        decodes with its KV cache; each sequence stops at its own end-of-turn token."""
+        """Caption a batch of uint8 images [B, 3, H, W] (image_pixels): the vision tower runs once per image,
+        then the LM decodes with its KV cache; each sequence stops at its own end-of-turn token."""
         ids = torch.tensor([encode_prompt(self.tokenizer, prompt, self.n_image_tokens)] * len(pixel_values),
                            device=pixel_values.device)  # one prompt for all: no padding needed
         autocast = torch.autocast("cuda", torch.bfloat16) if ids.is_cuda else contextlib.nullcontext()
