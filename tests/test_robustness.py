@@ -410,32 +410,66 @@ FORKSERVER = multiprocessing.get_context("forkserver")
 FORKSERVER.set_forkserver_preload(["main"])
 
 
-def _child(argv, log, env, fail_at):
+PAUSE_POINTS = {  # where a child can be held: (owner, attribute, before or after the real call)
+    "load": (main, "build_data", "before"),   # loading the model and data
+    "step": (main, "train_step", "before"),   # between two optimizer steps
+    "save": (VLM, "save", "after"),           # mid-save: weights written to the temp dir, train state not yet
+}
+
+
+def _hold(marker):
+    """Tell the test where we are (the marker file), then wait for its signal. SIGKILL ends us here; SIGTERM
+    and SIGINT are blocked before the marker appears, so none is lost, then re-raised for the run's handler."""
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    Path(marker).touch()
+    received = signal.sigwait(stops)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+    signal.raise_signal(received)
+
+
+def _wrap_nth_call(point, n, action):
+    """Replaces the function at PAUSE_POINTS[point] by one that calls action() around its n-th call."""
+    owner, attr, when = PAUSE_POINTS[point]
+    real, calls = getattr(owner, attr), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n and when == "before":
+            action()
+        out = real(*args, **kwargs)
+        if len(calls) == n and when == "after":
+            action()
+        return out
+    setattr(owner, attr, wrapped)
+
+
+def _child(argv, log, env, fail_at=None, pause_at=None):
     """In a fresh child process: what `python main.py ARGV` does, output to `log`; with fail_at=(rank, step),
-    train_step raises on that rank at that step."""
+    train_step raises on that rank at that step; with pause_at=(point, n), the run holds at the n-th call of
+    that PAUSE_POINT until the test signals it (a kill at a point the test chose, never after a delay)."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     sys.stdout.reconfigure(line_buffering=True)  # like python -u: a killed run's log is complete
     os.environ.update(env)
     if fail_at:
-        real, calls = main.train_step, []
-
-        def failing(*args):
-            calls.append(1)
-            if (int(os.environ["RANK"]), len(calls)) == fail_at:
+        def fail():
+            if int(os.environ["RANK"]) == fail_at[0]:
                 raise RuntimeError(f"simulated failure at {fail_at}")
-            return real(*args)
-        main.train_step = failing
+        _wrap_nth_call("step", fail_at[1], fail)
+    if pause_at:
+        _wrap_nth_call(*pause_at, lambda: _hold(f"{log}.held"))
     main.main(argv)
 
 
 class Run:
     """One training process (see _child) and its log."""
 
-    def __init__(self, argv, log, env=None, fail_at=None):
-        self.log = Path(log)
-        self.process = FORKSERVER.Process(target=_child, args=(argv, str(log), env or {}, fail_at), daemon=True)
+    def __init__(self, argv, log, env=None, fail_at=None, pause_at=None):
+        self.log, self.held = Path(log), Path(f"{log}.held")
+        self.process = FORKSERVER.Process(target=_child, args=(argv, str(log), env or {}, fail_at, pause_at),
+                                          daemon=True)
         self.process.start()
 
     def wait_for(self, condition, timeout=120):
@@ -447,6 +481,9 @@ class Run:
             time.sleep(0.001)
         assert time.monotonic() < deadline, f"timed out:\n{self.output()}"
         return False
+
+    def wait_until_held(self):
+        assert self.wait_for(self.held.exists), f"ended before reaching its pause point:\n{self.output()}"
 
     def signal(self, signum):
         os.kill(self.process.pid, signum)
@@ -495,11 +532,10 @@ def run_to_completion(cfg, log, expected_weights):
     return run
 
 
-def kill_when(cfg, log, condition, delay=0.0):
-    """Starts a run and SIGKILLs it `delay` seconds after `condition` holds."""
-    run = Run(cli_args(cfg), log)
-    assert run.wait_for(condition), f"ended before the kill:\n{run.output()}"
-    time.sleep(delay)
+def kill_at(cfg, log, point, n):
+    """Starts a run, holds it at the n-th call of PAUSE_POINTS[point], and SIGKILLs it there."""
+    run = Run(cli_args(cfg), log, pause_at=(point, n))
+    run.wait_until_held()
     run.signal(signal.SIGKILL)
     assert run.finish() == -signal.SIGKILL
     return run
@@ -510,16 +546,15 @@ def test_sigkill_anywhere_then_resume_matches_an_unbroken_run(tiny_cfg, tmp_path
     cfg = dataclasses.replace(tiny_cfg, max_steps=16, batch_size=4, save_every=1, keep_last=2)
     out, rng = Path(cfg.out_dir), random.Random(0)
     expected = unbroken_weights(cfg)
-    saving = lambda: any(out.glob(".tmp-step_*"))  # noqa: E731
-    kill_when(cfg, tmp_path / "start.txt", lambda: True, delay=0.5)  # while it loads the model and data
-    for attempt in range(8):  # during a save; again if that save ended between the poll and the kill
-        kill_when(cfg, tmp_path / f"save{attempt}.txt", saving)
-        if saving():
-            break
-    assert saving(), "never caught a save in progress"
-    for i in range(3):  # at random times within the steps after this run's first new checkpoint
-        before = newest(out)
-        run = kill_when(cfg, tmp_path / f"random{i}.txt", lambda: newest(out) > before, rng.uniform(0, 0.1))
+    kill_at(cfg, tmp_path / "load.txt", "load", 1)  # while it loads the model and data
+    assert newest(out) == 0
+    n = rng.randint(1, 3)
+    kill_at(cfg, tmp_path / "save.txt", "save", n)  # during the n-th save: the temp dir is half written
+    assert newest(out) == n - 1 and [p.name for p in out.glob(".tmp-step_*")] == [f".tmp-step_{n:08d}"]
+    for i in range(3):  # at random steps, after this run's first new checkpoint
+        before, k = newest(out), rng.randint(2, 4)
+        run = kill_at(cfg, tmp_path / f"random{i}.txt", "step", k)
+        assert newest(out) == before + k - 1
         assert not before or f"resumed from {out / f'step_{before:08d}'}" in run.output()
         latest = out / f"step_{newest(out):08d}"  # the newest checkpoint is always whole
         assert sorted(p.name for p in latest.iterdir()) == ["config.json", "rng_0.pt", "train_state.pt", WEIGHTS]
@@ -536,13 +571,13 @@ def test_sigterm_and_sigint_save_and_exit_cleanly_then_resume_exactly(tiny_cfg, 
     expected = unbroken_weights(cfg)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        before, lines = newest(out), len(log_lines(out))
-        run = Run(cli_args(cfg), tmp_path / f"{signum.name}.txt")
-        assert run.wait_for(lambda: len(log_lines(out)) > lines), run.output()  # once it has trained a step
+        before = newest(out)
+        run = Run(cli_args(cfg), tmp_path / f"{signum.name}.txt", pause_at=("step", 3))  # 2 steps trained
+        run.wait_until_held()
         run.signal(signum)
         assert run.finish() == 0, run.output()
         assert f"{signum.name}: finishing this step, saving, then exiting" in run.output()
-        assert before < newest(out) < cfg.max_steps  # it saved the step it stopped after, and trained no other
+        assert newest(out) == before + 3  # it finished the step it was in, saved it, and trained no other
         assert json.loads(log_lines(out)[-1])["step"] == newest(out)
         assert not before or f"resumed from {out / f'step_{before:08d}'}" in run.output()
     run_to_completion(cfg, tmp_path / "last.txt", expected)
