@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+import checkpoint
 import main
 from models.config import VLMConfig, parse_overrides
 from models.tiny import build_backbones
@@ -84,7 +85,8 @@ def bench_config(argv):
                                "out_dir": str(root / "runs" / tag)})
     if cfg.phase == "lora" and not cfg.init_from:  # a (random) projector checkpoint to start from
         cfg.init_from = str(root / "projector-init")
-        VLM.from_config(VLMConfig.from_dict({**cfg.to_dict(), "phase": "projector", "init_from": ""})).save(cfg.init_from)
+        checkpoint.save_model(VLM.from_config(VLMConfig.from_dict({**cfg.to_dict(), "phase": "projector", "init_from": ""})),
+                              cfg.init_from)
     return cfg
 
 

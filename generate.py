@@ -8,20 +8,51 @@ are still captioned, and the exit code is 1. --export merges the LoRA adapters i
 checkpoint that needs no adapters (its lm/ folder is a plain transformers model).
 """
 import argparse
-import dataclasses
-import os
 import sys
 from pathlib import Path
 
-import torch
-import transformers
-from transformers import SiglipVisionModel
+from models.prompt import DEFAULT_PROMPT
 
-from data.llava import decode_image
-from models.config import ConfigError
-from models.lora import strip_lora
-from models.prompt import DEFAULT_PROMPT, SampleError
-from models.vlm import VLM, HubError, image_pixels
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Caption images with a tinyvlm checkpoint.")
+    p.add_argument("images", nargs="*", help="image files, any format and mode Pillow reads")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run's out_dir (its newest step)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--export", metavar="DIR", help="merge the LoRA adapters into the LM and write DIR")
+    args = p.parse_args(argv)
+    if not Path(args.checkpoint).expanduser().exists():
+        p.error(f"--checkpoint {args.checkpoint}: no such directory (a checkpoint, or a run's out_dir)")
+    if not args.images and not args.export:
+        p.error("no images given; pass one or more image files after the flags")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("need --batch_size >= 1, --max_new_tokens >= 1, --temperature >= 0 and 0 < --top_p <= 1")
+    return args
+
+
+if __name__ == "__main__":  # bad arguments answer now, before the slow imports below
+    parse_args(sys.argv[1:])
+
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import SiglipVisionModel  # noqa: E402
+
+import checkpoint  # noqa: E402
+from data.llava import decode_image  # noqa: E402
+from models.config import ConfigError  # noqa: E402
+from models.hub import HubError  # noqa: E402
+from models.lora import strip_lora  # noqa: E402
+from models.prompt import SampleError  # noqa: E402
+from models.vision import image_pixels  # noqa: E402
 
 
 def load_image(path):
@@ -69,27 +100,7 @@ def export(model, out):
     # Phase "projector": the projector is the only trainable part left, which is what model.save writes.
     model.cfg = dataclasses.replace(model.cfg, phase="projector", init_from="", lora_vision=False,
                                     vision_model="vision", lm_model="lm")
-    model.save(out)
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description="Caption images with a tinyvlm checkpoint.")
-    p.add_argument("images", nargs="*", help="image files, any format and mode Pillow reads")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run's out_dir (its newest step)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--max_new_tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--export", metavar="DIR", help="merge the LoRA adapters into the LM and write DIR")
-    args = p.parse_args(argv)
-    if not args.images and not args.export:
-        p.error("no images given; pass one or more image files after the flags")
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        p.error("need --batch_size >= 1, --max_new_tokens >= 1, --temperature >= 0 and 0 < --top_p <= 1")
-    return args
+    checkpoint.save_model(model, out)
 
 
 def main(argv):
@@ -97,7 +108,7 @@ def main(argv):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.utils.logging.disable_progress_bar()
     try:
-        model = VLM.from_checkpoint(args.checkpoint)
+        model = checkpoint.load_model(args.checkpoint)
     except (ConfigError, HubError) as e:
         sys.exit(f"error: {e}")
     if args.export:

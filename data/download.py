@@ -31,6 +31,6 @@ def ensure_dataset(cfg):
         raise DataError(
             f"could not download {cfg.dataset} ({type(e).__name__}: {str(e)[:200]}).\n"
             f"Download {' and '.join(FILES)} from https://huggingface.co/datasets/{cfg.dataset} into a "
-            f"folder and pass it as --data_dir, or try the offline demo: `uv run python main.py --demo`"
+            f"folder and pass it as --data_dir, or try the offline demo: `uv run python demo.py`"
         ) from e
     return root

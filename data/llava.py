@@ -19,7 +19,7 @@ from PIL import Image
 
 from data.download import DataError
 from models.prompt import IGNORE, SampleError, encode, to_messages
-from models.vlm import image_pixels
+from models.vision import image_pixels
 
 
 def load_records(chat_json):
@@ -190,3 +190,48 @@ class ShardedBatchSampler:
         mine = perm[: len(self) * self.batch_size * self.world][self.rank::self.world]
         for b in range(self.start, len(self)):
             yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+
+def steps_of_micro_batches(loader, start_step, steps_per_epoch, grad_accum):
+    """Yields the grad_accum micro-batches of each optimizer step from any step on: the data order is a
+    function of the step alone, which is what makes resuming exact."""
+    epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+    while True:
+        loader.batch_sampler.set_position(epoch, step_in_epoch * grad_accum)
+        batches = iter(loader)
+        for _ in range(step_in_epoch, steps_per_epoch):
+            yield [next(batches) for _ in range(grad_accum)]
+        epoch, step_in_epoch = epoch + 1, 0
+
+
+def filler_batch(dataset, collate):
+    """Stands in for a micro-batch whose records were all unusable: one sample whose labels are all ignored.
+    It trains nothing, but every rank still runs the backward whose all-reduce the other ranks wait for."""
+    sample = next((s for s in map(dataset.__getitem__, range(len(dataset))) if "skip" not in s), None)
+    if sample is None:
+        raise DataError("no record of the training split is usable; see the skip counts in the log")
+    return collate([{**sample, "labels": torch.full_like(sample["labels"], IGNORE)}])
+
+
+class SkipTally:
+    """Records seen and skipped (by reason) on this rank. Stops the run when the data set is mostly unusable;
+    the fraction is judged once min_seen samples were seen, so one unlucky first batch does not end a run."""
+
+    def __init__(self, seen=0, skipped=(), examples=()):
+        self.seen, self.skipped, self.examples = seen, Counter(dict(skipped)), list(examples)
+
+    def state_dict(self):
+        return {"seen": self.seen, "skipped": dict(self.skipped), "examples": self.examples}
+
+    def add(self, batches):
+        for b in batches:
+            self.seen += len(b["input_ids"]) + len(b["skipped_ids"])
+            self.skipped.update(b["skipped"])
+            self.examples = (self.examples + b["skipped_ids"])[:5]
+
+    def check(self, max_bad_fraction, min_seen):
+        bad = sum(self.skipped.values())
+        if bad and self.seen >= min_seen and (bad == self.seen or bad > max_bad_fraction * self.seen):
+            raise DataError(f"{bad} of the first {self.seen} samples were unusable ({dict(self.skipped)}), more "
+                            f"than max_bad_fraction={max_bad_fraction}; for example {self.examples}. Fix the "
+                            "data, or raise --max_bad_fraction")

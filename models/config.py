@@ -4,8 +4,12 @@ Edit the defaults here, or override any field on the command line:
     python main.py --phase lora --lora_r 32 --compile false
 The flags are generated from the dataclass, so a new field is a new flag for free.
 """
+import argparse
 import dataclasses
+import difflib
 import json
+import re
+import sys
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -68,11 +72,11 @@ class VLMConfig:
     out_dir: str = "checkpoints/run"
     resume: bool = True  # continue from the newest checkpoint in out_dir, if there is one
     wandb_project: str = ""  # "" = off
-    demo: bool = False  # offline demo: synthetic shapes data + tiny random backbones, both phases
 
     # ------------------------------------------------------------------
     def validate(self):
-        """Cheap checks, run before any model or data is loaded."""
+        """Each field on its own, before anything loads. (Checks against the backbones' shapes are in
+        models.vlm.check_shapes, against checkpoints in checkpoint.py.)"""
         def bad(name, why):
             raise ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {why}")
         if self.phase not in ("projector", "lora"):
@@ -80,12 +84,6 @@ class VLMConfig:
         if self.phase == "lora" and not self.init_from:
             bad("init_from", "the lora phase starts from a projector checkpoint: pass --init_from DIR "
                 "(the out_dir of a --phase projector run)")
-        if self.init_from:
-            try:
-                checkpoint = resolve_checkpoint(self.init_from)
-            except ConfigError as e:
-                bad("init_from", str(e))
-            self.check_compatible(checkpoint)
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "epochs", "pixel_unshuffle",
                      "projector_hidden_dim", "max_text_tokens", "log_every", "eval_every", "save_every",
                      "keep_last", "max_bad_steps"):
@@ -108,14 +106,6 @@ class VLMConfig:
                 "or leave it empty to download the data set")
         return self
 
-    def check_compatible(self, checkpoint):
-        """A checkpoint only fits a model built with the same backbones and projector shape."""
-        other = VLMConfig.load(Path(checkpoint) / "config.json")
-        for name in ("vision_model", "lm_model", "vision_feature_layer", "pixel_unshuffle", "projector_hidden_dim"):
-            if getattr(other, name) != getattr(self, name):
-                raise ConfigError(f"config field '{name}' = {getattr(self, name)!r}, but checkpoint {checkpoint} "
-                                  f"was trained with {getattr(other, name)!r}; use the same value")
-
     # --- JSON: a checkpoint carries the config that trained it ---
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -137,58 +127,88 @@ class VLMConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-# --- command line: one flag per field, generated from the dataclass ---
-def _parse_value(f, text):
-    if f.type is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--{f.name} expects a boolean (true/false/1/0/yes/no), got {text!r}")
-    if f.type is tuple:
-        return tuple(s for s in text.split(",") if s)
-    try:
-        return f.type(text)
-    except ValueError:
-        raise ConfigError(f"--{f.name} expects {f.type.__name__}, got {text!r}") from None
+# --- command line: one flag per field, generated from the dataclass (no torch import: --help is instant) ---
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a ConfigError, like every other config mistake, instead of exit(2)
+        raise ConfigError(message)
 
 
-def parse_overrides(argv, cfg=None):
-    """Apply `--field value` / `--field=value` pairs to a config. A bare `--flag` on a bool field means true."""
+def _parse_bool(text):
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expects a boolean (true/false/1/0/yes/no), got {text!r}")
+
+
+def _field_comments():
+    """{field: its one-line comment} and {field: its section}, read from this file's source: the comments
+    next to the defaults above are the documentation, so --help shows exactly them."""
+    comments, sections, section = {}, {}, "options"
+    for line in Path(__file__).read_text().splitlines():
+        if m := re.match(r"    # --- (.+?) ---", line):
+            section = m.group(1)
+        elif m := re.match(r"    (\w+): \w+ = .*?(?:  # (.*))?$", line):
+            comments[m.group(1)], sections[m.group(1)] = m.group(2) or "", section
+    return comments, sections
+
+
+def build_parser(base, prog=None, description=None):
+    """An argparse parser with one --flag per field; defaults (and --help) come from `base`."""
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False)
+    comments, sections = _field_comments()
+    groups = {}
+    for f in fields(VLMConfig):
+        section = sections[f.name]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(section)
+        default = getattr(base, f.name)
+        kw = dict(default=argparse.SUPPRESS, help=f"{comments.get(f.name, '')} (default: "
+                  f"{','.join(default) if f.type is tuple else default!r})".lstrip())
+        if f.type is bool:  # `--compile` alone means true
+            kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        elif f.type is tuple:
+            kw.update(type=lambda text: tuple(s for s in text.split(",") if s), metavar="A,B,...")
+        else:
+            kw.update(type=f.type, metavar=f.type.__name__.upper())
+        groups[section].add_argument(f"--{f.name}", **kw)
+    return parser
+
+
+def parse_overrides(argv, cfg=None, prog=None, description=None):
+    """Apply `--field value` / `--field=value` flags to a config (VLMConfig() by default). `--out-dir` spells
+    `--out_dir`; an unknown flag names the closest fields; `-h`/`--help` lists them all and exits."""
     cfg = cfg or VLMConfig()
-    by_name = {f.name: f for f in fields(VLMConfig)}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; flags look like --lr 1e-3")
-        name, eq, value = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in by_name:
-            close = [n for n in by_name if name in n or n in name]
-            raise ConfigError(f"unknown config field --{name}" + (f"; did you mean {close}?" if close else ""))
-        f = by_name[name]
-        if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if f.type is bool and (nxt is None or nxt.startswith("--")):
-                value = "true"
-            elif nxt is None:
-                raise ConfigError(f"--{name} needs a value")
-            else:
-                value, i = nxt, i + 1
-        setattr(cfg, name, _parse_value(f, value))
-        i += 1
-    return cfg
+    parser = build_parser(cfg, prog, description)
+    given, unknown = parser.parse_known_args([_underscored(a) for a in argv])
+    if unknown:
+        raise ConfigError(_unknown_message(unknown[0]))
+    return dataclasses.replace(cfg, **vars(given))
 
 
-def resolve_checkpoint(path):
-    """A checkpoint directory (it holds config.json), or a run's out_dir: then its newest step_* checkpoint."""
-    path = Path(path).expanduser()
-    if (path / "config.json").is_file():
-        return path
-    steps = sorted(path.glob("step_*"))
-    if not steps:
-        raise ConfigError(f"{path} is neither a checkpoint (no config.json) nor a run directory with step_* "
-                          "checkpoints in it")
-    return steps[-1]
+def parse_or_exit(argv, base=None, prog=None, description=None):
+    """parse_overrides for a script's command line: a mistake exits with its message, not a traceback."""
+    try:
+        return parse_overrides(argv, base, prog, description)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+def _underscored(arg):
+    """--out-dir=a-b -> --out_dir=a-b: the flag's name takes either spelling, its value is left alone."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
+
+
+def _unknown_message(arg):
+    if not arg.startswith("--"):
+        return f"unexpected argument {arg!r}; flags look like --lora_lr 1e-3"
+    name = arg[2:].split("=", 1)[0]
+    names = [f.name for f in fields(VLMConfig)]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    close += [n for n in names if n not in close and name in n.split("_")]  # --lr: projector_lr, lora_lr
+    hint = f"; did you mean {', '.join('--' + n for n in close)}?" if close else "; see --help for every field"
+    return f"unknown config field --{name}{hint}"

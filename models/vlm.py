@@ -1,53 +1,18 @@
 """The joined model: SigLIP (frozen) -> SwiGLU projector -> causal LM (frozen, or LoRA in phase 2)."""
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
-from models.config import ConfigError, VLMConfig, resolve_checkpoint
+from models.config import ConfigError, VLMConfig
+from models.hub import from_hub
 from models.lora import apply_lora, linear_names
 from models.projector import Projector
 from models.prompt import DEFAULT_PROMPT, IGNORE, add_image_token, encode_prompt
-
-WEIGHTS = "trainable.safetensors"
-
-
-class HubError(OSError):
-    """A backbone could not be loaded (offline, wrong id or path); the message names the way out."""
-
-
-def _from_hub(loader, name, **kw):
-    try:
-        return loader.from_pretrained(name, **kw)
-    except OSError as e:
-        raise HubError(f"could not load '{name}' ({type(e).__name__}). Without access to the Hugging Face "
-                      "Hub, point the config at a local copy, or try the offline demo: "
-                      "`uv run python main.py --demo`") from e
-
-
-def vision_config(vision_model):
-    c = _from_hub(AutoConfig, vision_model)
-    return getattr(c, "vision_config", c)  # a full SigLIP checkpoint nests the vision tower's config
-
-
-def vision_grid(vision_model):
-    """Patches per side of the vision encoder, read from its (cheap) config."""
-    c = vision_config(vision_model)
-    return c.image_size // c.patch_size
-
-
-def n_image_tokens(cfg: VLMConfig):
-    grid = vision_grid(cfg.vision_model)
-    if grid % cfg.pixel_unshuffle:
-        raise ConfigError(f"config field 'pixel_unshuffle' = {cfg.pixel_unshuffle}: must divide the "
-                          f"{grid}x{grid} patch grid of {cfg.vision_model} (valid: "
-                          f"{[f for f in range(1, grid + 1) if grid % f == 0]})")
-    return (grid // cfg.pixel_unshuffle) ** 2
+from models.vision import load_vision, n_image_tokens, pixel_normalization, vision_config
 
 
 def _check_targets(field, targets, model):
@@ -57,55 +22,24 @@ def _check_targets(field, targets, model):
                           f"{type(model).__name__}; valid names: {linear_names(model)}")
 
 
-def preflight(cfg: VLMConfig):
-    """Checks that need the backbones' shapes but not their weights, so they fail before anything loads:
-    the unshuffle factor against the patch grid, and the LoRA targets against weightless (meta) models."""
+def check_shapes(cfg: VLMConfig):
+    """The config checks that need the backbones' shapes but not their weights, so they fail before anything
+    loads: the unshuffle factor against the patch grid, the feature layer against the tower's depth, and
+    the LoRA targets against weightless (meta) models."""
     n_image_tokens(cfg)
+    depth = vision_config(cfg.vision_model).num_hidden_layers
+    if not -depth <= cfg.vision_feature_layer <= depth or cfg.vision_feature_layer == 0:
+        raise ConfigError(f"config field 'vision_feature_layer' = {cfg.vision_feature_layer}: {cfg.vision_model} "
+                          f"has {depth} layers; use -1 (final output), -2 (penultimate), ... down to {-depth}, "
+                          f"or 1 to {depth} counted from the input")
     if cfg.phase != "lora":
         return
     with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(_from_hub(AutoConfig, cfg.lm_model))
-        _check_targets("lora_targets", cfg.lora_targets, lm)
+        _check_targets("lora_targets", cfg.lora_targets,
+                       AutoModelForCausalLM.from_config(from_hub(AutoConfig, cfg.lm_model)))
         if cfg.lora_vision:
             _check_targets("lora_vision_targets", cfg.lora_vision_targets,
                            SiglipVisionModel(vision_config(cfg.vision_model)))
-
-
-def load_backbones(cfg: VLMConfig):
-    vision = _from_hub(SiglipVisionModel, cfg.vision_model)
-    processor = _from_hub(AutoImageProcessor, cfg.vision_model)
-    lm = _from_hub(AutoModelForCausalLM, cfg.lm_model)
-    tokenizer = _from_hub(AutoTokenizer, cfg.lm_model)
-    return vision, processor, lm, tokenizer
-
-
-def truncate_vision(vision, layer):
-    """Keep only the encoder layers up to `layer` (LLaVA-style feature layer) and drop the pooling head."""
-    tower = getattr(vision, "vision_model", vision)  # transformers 4.x wraps the tower, 5.x does not
-    tower.use_head = False
-    if hasattr(tower, "head"):
-        del tower.head
-    if layer != -1:  # -1 = final output after post_layernorm; else the raw output of that layer
-        n = len(tower.encoder.layers)
-        tower.encoder.layers = tower.encoder.layers[: layer % (n + 1)]
-        tower.post_layernorm = nn.Identity()
-    return vision
-
-
-def image_pixels(processor, images):
-    """PIL images -> uint8 [B, 3, H, W], resized as the checkpoint's processor does. Rescaling and normalising
-    happen on the device (VLM.encode_images): data workers then ship a quarter of the bytes and skip the
-    float work, and training and generation cannot disagree about it."""
-    pixels = processor(images=images, return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"]
-    return pixels.to(torch.uint8)
-
-
-def pixel_normalization(processor):
-    """(scale, shift) with scale * pixel - shift == the processor's (pixel * rescale_factor - mean) / std."""
-    rescale = processor.rescale_factor if processor.do_rescale else 1.0
-    mean, std = (processor.image_mean, processor.image_std) if processor.do_normalize else (0.0, 1.0)
-    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))  # [3, 1, 1]
-    return rescale / std, mean / std
 
 
 @dataclass
@@ -120,7 +54,7 @@ class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig, vision, processor, lm, tokenizer):
         super().__init__()
         self.cfg = cfg
-        self.vision = truncate_vision(vision, cfg.vision_feature_layer)
+        self.vision = vision  # cut at cfg.vision_feature_layer (models.vision.truncate)
         self.lm = lm
         self.processor, self.tokenizer = processor, tokenizer
         self.image_token_id = add_image_token(tokenizer)  # never embedded: its positions get image features
@@ -141,7 +75,10 @@ class VLM(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: VLMConfig):
-        return cls(cfg, *load_backbones(cfg))
+        """Loads the backbones named by the config (hub ids or local dirs) and builds a fresh projector."""
+        vision, processor = load_vision(cfg)
+        return cls(cfg, vision, processor, from_hub(AutoModelForCausalLM, cfg.lm_model),
+                   from_hub(AutoTokenizer, cfg.lm_model))
 
     def train(self, mode=True):
         super().train(mode)
@@ -219,39 +156,7 @@ class VLM(nn.Module):
             self.train(was_training)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    # --- checkpoints: the config plus the trainable weights only ---
     def trainable_state_dict(self):
+        """What a checkpoint holds: the projector and the adapters, fp32 on the CPU."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {n: t.detach().float().cpu().contiguous() for n, t in self.state_dict().items() if n in names}
-
-    def save(self, path):
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(path / "config.json")
-        save_file(self.trainable_state_dict(), str(path / WEIGHTS))
-
-    def load_trainable(self, path, only=None):
-        """Load weights from a checkpoint dir; `only` restricts to names with that prefix (e.g. 'projector.')."""
-        state = load_file(str(Path(path) / WEIGHTS))
-        if only:
-            state = {k: v for k, v in state.items() if k.startswith(only)}
-        expected = {n: p.shape for n, p in self.named_parameters()
-                    if p.requires_grad and (not only or n.startswith(only))}
-        missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-        misshaped = [n for n in set(expected) & set(state) if state[n].shape != expected[n]]
-        if missing or unexpected or misshaped:  # checked before anything is copied
-            raise ValueError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}, other shape {sorted(misshaped)[:5]}")
-        for name, p in self.named_parameters():
-            if name in state:
-                p.data.copy_(state[name].to(p.dtype))
-        return self
-
-    @classmethod
-    def from_checkpoint(cls, path):
-        path = resolve_checkpoint(path)
-        cfg = VLMConfig.load(path / "config.json")
-        for name in ("vision_model", "lm_model"):  # an exported checkpoint names its backbones relative to itself
-            if (path / getattr(cfg, name)).is_dir():
-                setattr(cfg, name, str(path / getattr(cfg, name)))
-        return cls.from_config(cfg).load_trainable(path)

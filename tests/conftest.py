@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 import transformers
 
 from data.shapes import make_shapes_dataset
@@ -70,3 +71,22 @@ def tiny_batch():
                 "labels": torch.tensor([pad(labels, IGNORE) for _, labels in samples]),
                 "pixel_values": torch.randint(0, 256, (len(captions), 3, size, size), dtype=torch.uint8)}
     return build
+
+
+@pytest.fixture
+def on_optimizer_step():
+    """on_optimizer_step(fn, when="before"|"after"): fn(optimizer) runs around every optimizer step until the
+    test ends. The loop's step, seen from outside, without reaching into main.py."""
+    handles = []
+
+    def register(fn, when="before"):
+        hook = (register_optimizer_step_pre_hook if when == "before"
+                else register_optimizer_step_post_hook)
+        handles.append(hook(lambda optimizer, args, kwargs: fn(optimizer)))
+    yield register
+    for h in handles:
+        h.remove()
+
+
+def trainable_params(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]

@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import main
+from throughput import flop_counter
 from models.prompt import IGNORE
 from models.vlm import VLM
 
@@ -33,7 +34,7 @@ def test_cc3m_like_jpegs_are_cc3m_sized(tmp_path):
 
 @pytest.mark.parametrize("phase", ["projector", "lora"])
 def test_written_flop_count_matches_pytorch_flop_counter(tiny_cfg, tiny_batch, phase):
-    """The MFU numerator (main.flop_counter, a formula) against what torch counts for one real training
+    """The MFU numerator (flop_counter, a formula) against what torch counts for one real training
     forward + backward. One caption for all rows, so no padding: every counted token is a real one."""
     model = VLM.from_config(dataclasses.replace(tiny_cfg, phase=phase))
     batch = tiny_batch(model, ["a red circle at the center ."] * 4)
@@ -44,5 +45,5 @@ def test_written_flop_count_matches_pytorch_flop_counter(tiny_cfg, tiny_batch, p
     # torch also counts the Q @ K^T that flash attention's backward recomputes; model FLOPs leave it out
     recomputed = 2 * lm.num_hidden_layers * T * T * lm.hidden_size * B
     n_labels = int((batch["labels"][:, 1:] != IGNORE).sum())
-    written = main.flop_counter(model)([T] * B, n_labels)
+    written = flop_counter(model)([T] * B, n_labels)
     assert written == pytest.approx(counter.get_total_flops() - recomputed, rel=1e-3)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from checkpoint import WEIGHTS, load_model, load_weights, save_model
 from models.lora import lora_layers
-from models.vlm import VLM, WEIGHTS
+from models.vlm import VLM
 
 
 @pytest.fixture(params=["projector", "lora"])
@@ -18,7 +19,7 @@ def trained(request, tiny_cfg, tiny_batch, tmp_path):
         for name, p in model.named_parameters():
             if p.requires_grad:  # projector and lora_A/lora_B; lora_B starts at 0, so the test would be moot
                 p.normal_(std=0.2)
-    model.save(tmp_path / "ckpt")
+    save_model(model, tmp_path / "ckpt")
     return model, tiny_batch(model), tmp_path / "ckpt"
 
 
@@ -29,7 +30,7 @@ def logits(model, batch):
 
 def test_reload_gives_identical_logits(trained):
     model, batch, ckpt = trained
-    loaded = VLM.from_checkpoint(ckpt)
+    loaded = load_model(ckpt)
     assert loaded.cfg == model.cfg
     assert torch.equal(logits(loaded, batch), logits(model, batch))
 
@@ -50,20 +51,20 @@ def test_config_with_unknown_key_still_loads(trained):
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "knob_from_the_future": True}))
     with pytest.warns(UserWarning, match="knob_from_the_future"):
-        loaded = VLM.from_checkpoint(ckpt)
+        loaded = load_model(ckpt)
     assert torch.equal(logits(loaded, batch), logits(model, batch))
 
 
 def test_a_run_directory_loads_its_newest_checkpoint(trained):
     model, batch, ckpt = trained
     run = ckpt.parent / "run"
-    VLM.from_config(model.cfg).save(run / "step_00000010")  # an older, untrained checkpoint
+    save_model(VLM.from_config(model.cfg), run / "step_00000010")  # an older, untrained checkpoint
     ckpt.rename(run / "step_00000020")
-    assert torch.equal(logits(VLM.from_checkpoint(run), batch), logits(model, batch))
+    assert torch.equal(logits(load_model(run), batch), logits(model, batch))
 
 
 def test_checkpoint_of_another_shape_is_a_clear_error(trained):
     model, _, ckpt = trained
     other = VLM.from_config(dataclasses.replace(model.cfg, projector_hidden_dim=32, lora_r=8))
     with pytest.raises(ValueError, match="does not fit this model"):
-        other.load_trainable(ckpt)
+        load_weights(other, ckpt)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from checkpoint import check_init_from
 from models.config import ConfigError, VLMConfig, parse_overrides
 
 
@@ -117,6 +118,6 @@ def test_validate_names_the_field(changes, field):
 
 def test_lora_phase_checks_the_projector_checkpoint(tmp_path):
     VLMConfig().save(tmp_path / "config.json")
-    VLMConfig(phase="lora", init_from=str(tmp_path)).validate()
-    expect_error("pixel_unshuffle", VLMConfig(phase="lora", init_from=str(tmp_path), pixel_unshuffle=1).validate)
-    expect_error("init_from", VLMConfig(phase="lora", init_from=str(tmp_path / "missing")).validate)
+    check_init_from(VLMConfig(phase="lora", init_from=str(tmp_path)))
+    expect_error("pixel_unshuffle", check_init_from, VLMConfig(phase="lora", init_from=str(tmp_path), pixel_unshuffle=1))
+    expect_error("init_from", check_init_from, VLMConfig(phase="lora", init_from=str(tmp_path / "missing")))

@@ -16,7 +16,9 @@ from data.shapes import draw
 from generate import export, load_image
 from models.lora import lora_layers
 from models.prompt import DEFAULT_PROMPT, encode_prompt
-from models.vlm import VLM, image_pixels
+from checkpoint import load_model, save_model
+from models.vision import image_pixels
+from models.vlm import VLM
 
 SHAPES = [draw("red", "circle", "top left"), draw("blue", "square", "center"),
           draw("green", "triangle", "bottom right"), draw("white", "circle", "bottom left")]
@@ -89,7 +91,7 @@ def test_export_gives_the_logits_of_the_unmerged_adapters(tiny_cfg, tmp_path, lo
         logits, lm_logits = model(ids, pixels(model)).logits, model.lm(text).logits
     export(model, tmp_path / "export")
     shutil.move(tmp_path / "export", tmp_path / "moved")  # it names its backbones relative to itself
-    merged = VLM.from_checkpoint(tmp_path / "moved").eval()
+    merged = load_model(tmp_path / "moved").eval()
     assert merged.cfg.phase == "projector" and not lora_layers(merged)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "moved" / "lm")
     base = AutoModelForCausalLM.from_pretrained(tiny_cfg.lm_model)
@@ -127,7 +129,7 @@ def captions(out):
 @pytest.fixture
 def lora_checkpoint(tiny_cfg, tmp_path):
     model = tiny_model(tiny_cfg, phase="lora")
-    model.save(tmp_path / "run" / "step_00000001")
+    save_model(model, tmp_path / "run" / "step_00000001")
     return model, tmp_path / "run"
 
 

@@ -28,15 +28,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
+import checkpoint
 import main
-import models.vlm
-from conftest import REPO, cli_args
+from conftest import REPO, cli_args, trainable_params
 from data.llava import ImageStore, LlavaDataset, ShardedBatchSampler, load_records, split_indices
 from models.config import ConfigError
-from models.vlm import VLM, WEIGHTS
+from checkpoint import WEIGHTS
+from models.vlm import VLM
 
 # ============================================================================ bad data
 USED = "used"
@@ -285,7 +287,7 @@ def test_a_bad_first_batch_alone_does_not_stop_a_mostly_good_run(tiny_assets, ti
 def forbid_loading(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model or data set was loaded before the config was checked")
-    monkeypatch.setattr(models.vlm, "load_backbones", forbidden)
+    monkeypatch.setattr(VLM, "from_config", forbidden)
     monkeypatch.setattr(main, "build_data", forbidden)
 
 
@@ -310,10 +312,10 @@ BAD_CONFIGS = {  # id: (the field the error must name, the change; p holds a che
 
 @pytest.mark.parametrize("field, changes", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
 def test_bad_config_stops_before_anything_loads(tiny_cfg, tiny_assets, tmp_path, monkeypatch, field, changes):
-    checkpoint = tmp_path / "projector"
-    VLM.from_config(tiny_cfg).save(checkpoint)  # a projector-phase checkpoint of the tiny backbones
+    projector = tmp_path / "projector"
+    checkpoint.save_model(VLM.from_config(tiny_cfg), projector)  # a projector-phase checkpoint, tiny backbones
     other_lm = shutil.copytree(tiny_assets.lm, tmp_path / "other_lm")  # the same LM, under another name
-    cfg = dataclasses.replace(tiny_cfg, **changes(SimpleNamespace(checkpoint=str(checkpoint), other_lm=str(other_lm),
+    cfg = dataclasses.replace(tiny_cfg, **changes(SimpleNamespace(checkpoint=str(projector), other_lm=str(other_lm),
                                                                   tmp=tmp_path)))
     forbid_loading(monkeypatch)
     with pytest.raises(ConfigError, match=f"'{field}'"):
@@ -331,33 +333,35 @@ def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def spy_optimizer_steps(monkeypatch):
-    """Patches main.optimizer_step to record (weights changed?, finite) per call."""
-    real, calls = main.optimizer_step, []
+def spy_optimizer_steps(on_optimizer_step):
+    """Records (weights changed?, finite?) for every optimizer step."""
+    calls, before = [], []
 
-    def spy(cfg, params, optimizer, scheduler):
-        before = [p.detach().clone() for p in params]
-        finite = real(cfg, params, optimizer, scheduler)
-        calls.append((any(not torch.equal(b, p) for b, p in zip(before, params)), bool(finite)))
-        return finite
-    monkeypatch.setattr(main, "optimizer_step", spy)
+    def snapshot(optimizer):
+        before[:] = [p.detach().clone() for p in trainable_params(optimizer)]
+
+    def compare(optimizer):
+        changed = any(not torch.equal(b, p) for b, p in zip(before, trainable_params(optimizer)))
+        calls.append((changed, not bool(optimizer.found_inf)))
+    on_optimizer_step(snapshot, "before")
+    on_optimizer_step(compare, "after")
     return calls
 
 
-def test_non_finite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch):
-    real, calls = main.train_step, []
+def on_projector_forward(monkeypatch, action):
+    """Runs action(call_number, output) -> output after each forward of the projector of every model main builds."""
+    real, calls = main.build_model, []
 
-    def nan_on_steps_2_and_3(forward, micro, device, autocast):
-        loss_sum, n = real(forward, micro, device, autocast)
-        calls.append(1)
-        if len(calls) in (2, 3):
-            for p in forward.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
-            loss_sum = loss_sum * float("nan")
-        return loss_sum, n
-    monkeypatch.setattr(main, "train_step", nan_on_steps_2_and_3)
-    steps = spy_optimizer_steps(monkeypatch)
+    def build(cfg, device, resuming):
+        model = real(cfg, device, resuming)
+        model.projector.register_forward_hook(lambda module, args, out: (calls.append(1), action(len(calls), out))[1])
+        return model
+    monkeypatch.setattr(main, "build_model", build)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch, on_optimizer_step):
+    on_projector_forward(monkeypatch, lambda call, out: out * float("nan") if call in (2, 3) else out)
+    steps = spy_optimizer_steps(on_optimizer_step)
     cfg = dataclasses.replace(tiny_cfg, max_steps=5, max_bad_steps=3)
     result = main.train(cfg)
     assert result["step"] == 5
@@ -367,7 +371,7 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch):
     assert all(np.isfinite(entry["loss"]) for entry in log)  # a skipped step does not poison the logged loss
 
 
-def test_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint(tiny_cfg, monkeypatch):
+def test_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint(tiny_cfg, monkeypatch, on_optimizer_step):
     real, start = main.build_model, {}
 
     def inf_projector(cfg, device, resuming):
@@ -377,31 +381,32 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint(tiny_cfg, monk
         start.update(trainable(model))
         return model
     monkeypatch.setattr(main, "build_model", inf_projector)
-    steps = spy_optimizer_steps(monkeypatch)
+    steps = spy_optimizer_steps(on_optimizer_step)
     cfg = dataclasses.replace(tiny_cfg, max_steps=10, max_bad_steps=3)
     with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss") as e:
         main.train(cfg)
-    checkpoint = Path(cfg.out_dir) / "step_00000003"
-    assert str(checkpoint) in str(e.value) and steps == [(False, False)] * 3
-    assert same(load_file(str(checkpoint / WEIGHTS)), start)  # saved, and never stepped on NaN
+    path = Path(cfg.out_dir) / "step_00000003"
+    assert str(path) in str(e.value) and steps == [(False, False)] * 3
+    assert same(load_file(str(path / WEIGHTS)), start)  # saved, and never stepped on NaN
 
 
-@pytest.mark.parametrize("where", ["train_step", "optimizer_step"])
-def test_out_of_memory_names_batch_size_and_grad_accum(tiny_cfg, monkeypatch, where):
-    real, calls = getattr(main, where), []
+def raise_out_of_memory(*args):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    def oom_on_step_2(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(*args)
-    monkeypatch.setattr(main, where, oom_on_step_2)
-    steps = spy_optimizer_steps(monkeypatch) if where == "train_step" else None
+
+@pytest.mark.parametrize("where", ["forward", "optimizer_step"])
+def test_out_of_memory_names_batch_size_and_grad_accum(tiny_cfg, monkeypatch, on_optimizer_step, where):
+    """Out of memory at step 2, in the forward or in the optimizer's step: a message that says what to change,
+    and nothing of the failed step was applied or saved."""
+    if where == "forward":
+        on_projector_forward(monkeypatch, lambda call, out: raise_out_of_memory() if call == 2 else out)
+    steps = spy_optimizer_steps(on_optimizer_step)
+    if where == "optimizer_step":
+        on_optimizer_step(lambda optimizer: raise_out_of_memory() if len(steps) == 1 else None)
     cfg = dataclasses.replace(tiny_cfg, max_steps=4, save_every=1)
     with pytest.raises(RuntimeError, match=r"batch_size=8.*--grad_accum"):
         main.train(cfg)
-    if steps is not None:
-        assert steps == [(True, True)]  # the step that ran out of memory did not update anything
+    assert steps == [(True, True)]  # the step that ran out of memory did not update anything
     assert [p.name for p in Path(cfg.out_dir).glob("step_*")] == ["step_00000001"]
 
 
@@ -410,11 +415,30 @@ FORKSERVER = multiprocessing.get_context("forkserver")
 FORKSERVER.set_forkserver_preload(["main"])
 
 
-PAUSE_POINTS = {  # where a child can be held: (owner, attribute, before or after the real call)
-    "load": (main, "build_data", "before"),   # loading the model and data
-    "step": (main, "train_step", "before"),   # between two optimizer steps
-    "save": (VLM, "save", "after"),           # mid-save: weights written to the temp dir, train state not yet
-}
+def _at_nth(point, n, action):
+    """Runs action() at the n-th time a child reaches `point`: "load" (before it loads the data), "step" (before an
+    optimizer step: its gradient is computed, the weights not yet changed), "save" (mid-save: the weights are in
+    the temp dir, the train state is not)."""
+    calls = []
+
+    def reached(*args):
+        calls.append(1)
+        if len(calls) == n:
+            action()
+    if point == "step":
+        register_optimizer_step_pre_hook(reached)
+        return
+    owner, name, after = {"load": (main, "build_data", False), "save": (checkpoint, "save_model", True)}[point]
+    real = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        if not after:
+            reached()
+        out = real(*args, **kwargs)
+        if after:
+            reached()
+        return out
+    setattr(owner, name, wrapped)
 
 
 def _hold(marker):
@@ -428,26 +452,10 @@ def _hold(marker):
     signal.raise_signal(received)
 
 
-def _wrap_nth_call(point, n, action):
-    """Replaces the function at PAUSE_POINTS[point] by one that calls action() around its n-th call."""
-    owner, attr, when = PAUSE_POINTS[point]
-    real, calls = getattr(owner, attr), []
-
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n and when == "before":
-            action()
-        out = real(*args, **kwargs)
-        if len(calls) == n and when == "after":
-            action()
-        return out
-    setattr(owner, attr, wrapped)
-
-
 def _child(argv, log, env, fail_at=None, pause_at=None):
     """In a fresh child process: what `python main.py ARGV` does, output to `log`; with fail_at=(rank, step),
-    train_step raises on that rank at that step; with pause_at=(point, n), the run holds at the n-th call of
-    that PAUSE_POINT until the test signals it (a kill at a point the test chose, never after a delay)."""
+    that rank raises at that step; with pause_at=(point, n), the run holds the n-th time it reaches that point
+    (see _at_nth) until the test signals it (a kill at a point the test chose, never after a delay)."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -457,9 +465,9 @@ def _child(argv, log, env, fail_at=None, pause_at=None):
         def fail():
             if int(os.environ["RANK"]) == fail_at[0]:
                 raise RuntimeError(f"simulated failure at {fail_at}")
-        _wrap_nth_call("step", fail_at[1], fail)
+        _at_nth("step", fail_at[1], fail)
     if pause_at:
-        _wrap_nth_call(*pause_at, lambda: _hold(f"{log}.held"))
+        _at_nth(*pause_at, lambda: _hold(f"{log}.held"))
     main.main(argv)
 
 
@@ -533,7 +541,7 @@ def run_to_completion(cfg, log, expected_weights):
 
 
 def kill_at(cfg, log, point, n):
-    """Starts a run, holds it at the n-th call of PAUSE_POINTS[point], and SIGKILLs it there."""
+    """Starts a run, holds it the n-th time it reaches `point` (see _at_nth), and SIGKILLs it there."""
     run = Run(cli_args(cfg), log, pause_at=(point, n))
     run.wait_until_held()
     run.signal(signal.SIGKILL)

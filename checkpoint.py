@@ -1,0 +1,170 @@
+"""Checkpoints: what a run saves, how it resumes, and which checkpoint fits which config.
+
+A checkpoint is a directory, out_dir/step_XXXXXXXX/ for a training run:
+    config.json              the config that trained it (one source of truth for rebuilding the model)
+    trainable.safetensors    the projector and the adapters; the frozen backbones are rebuilt from their ids
+    train_state.pt           optimizer, scheduler, step, data and non-finite counts (training runs only)
+    rng_<rank>.pt            each rank's RNG state (dropout differs per rank)
+"""
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from models.config import ConfigError, VLMConfig
+from models.vlm import VLM
+
+WEIGHTS = "trainable.safetensors"
+# Fields a resumed run may change: they do not touch the math of training. Any other change stops the run.
+RESUMABLE_CHANGES = ("cache_dir", "num_workers", "max_bad_fraction", "max_bad_steps", "device", "compile",
+                     "log_every", "eval_every", "eval_captions", "save_every", "keep_last", "out_dir", "resume",
+                     "wandb_project")
+SAME_BACKBONES = ("vision_model", "lm_model", "vision_feature_layer", "pixel_unshuffle", "projector_hidden_dim")
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
+def resolve(path):
+    """A checkpoint directory (it holds config.json), or a run's out_dir: then its newest step_* checkpoint."""
+    path = Path(path).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    steps = sorted(path.glob("step_*"))
+    if not steps:
+        runs = sorted({str(p.parent) for p in path.glob("*/step_*")})  # e.g. the demo's projector/ and lora/
+        raise ConfigError(f"{path} is neither a checkpoint (no config.json) nor a run directory with step_* "
+                          "checkpoints in it" + (f"; the runs in it: {', '.join(runs)}" if runs else ""))
+    return steps[-1]
+
+
+def newest(out_dir):
+    """The newest checkpoint of a run, or None."""
+    steps = sorted(Path(out_dir).glob("step_*"))
+    return steps[-1] if steps else None
+
+
+# ----------------------------------------------------------------------------- which checkpoint fits
+def check_init_from(cfg):
+    """init_from names a checkpoint of the same backbones and projector shape (checked before loading)."""
+    if not cfg.init_from:
+        return
+    try:
+        path = resolve(cfg.init_from)
+    except ConfigError as e:
+        raise ConfigError(f"config field 'init_from' = {cfg.init_from!r}: {e}") from None
+    other = VLMConfig.load(path / "config.json")
+    for name in SAME_BACKBONES:
+        if getattr(other, name) != getattr(cfg, name):
+            raise ConfigError(f"config field '{name}' = {getattr(cfg, name)!r}, but checkpoint {path} "
+                              f"was trained with {getattr(other, name)!r}; use the same value")
+
+
+def check_resume(cfg, path, world):
+    """Resuming continues the same run: a changed field that alters the math (learning rates, batch, schedule,
+    phase, LoRA shape, backbones, data, ...) or another number of processes (the global batch) stops it here,
+    before any slow work."""
+    saved = VLMConfig.load(Path(path) / "config.json")
+    changed = [f"  --{name}: {getattr(saved, name)!r} in the checkpoint, {getattr(cfg, name)!r} now"
+               for name in cfg.to_dict() if name not in RESUMABLE_CHANGES and getattr(saved, name) != getattr(cfg, name)]
+    saved_world = len(list(Path(path).glob("rng_*.pt")))  # one per rank
+    if saved_world != world:
+        changed.append(f"  processes (GPUs): {saved_world} in the checkpoint, {world} now")
+    if changed:
+        raise ConfigError(f"{cfg.out_dir} holds a run with other settings ({path}); resuming it would mix them:\n"
+                          + "\n".join(changed) + "\nStart over with --resume false, or train in a new --out_dir "
+                          f"(with --init_from {cfg.out_dir} to start from its weights).")
+
+
+# ----------------------------------------------------------------------------- weights: config + trainable
+def save_model(model, path):
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.cfg.save(path / "config.json")
+    save_file(model.trainable_state_dict(), str(path / WEIGHTS))
+
+
+def load_weights(model, path, only=None):
+    """Load a checkpoint's weights into `model`; `only` keeps names with that prefix (e.g. 'projector.')."""
+    state = load_file(str(Path(path) / WEIGHTS))
+    if only:
+        state = {k: v for k, v in state.items() if k.startswith(only)}
+    expected = {n: p.shape for n, p in model.named_parameters() if p.requires_grad and (not only or n.startswith(only))}
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    misshaped = [n for n in set(expected) & set(state) if state[n].shape != expected[n]]
+    if missing or unexpected or misshaped:  # checked before anything is copied
+        raise ValueError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}, other shape {sorted(misshaped)[:5]}")
+    for name, p in model.named_parameters():
+        if name in state:
+            p.data.copy_(state[name].to(p.dtype))
+    return model
+
+
+def load_model(path):
+    """The model a checkpoint (or a run's out_dir) describes: its config's backbones plus its weights."""
+    path = resolve(path)
+    cfg = VLMConfig.load(path / "config.json")
+    for name in ("vision_model", "lm_model"):  # an exported checkpoint names its backbones relative to itself
+        if (path / getattr(cfg, name)).is_dir():
+            setattr(cfg, name, str(path / getattr(cfg, name)))
+    return load_weights(VLM.from_config(cfg), path)
+
+
+# ----------------------------------------------------------------------------- training state and RNG
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(out_dir, model, optimizer, scheduler, state, rank, keep_last):
+    """Every rank writes its RNG and data counts, rank 0 the rest. Written into a temp dir, then renamed: a crash
+    mid-save leaves the previous checkpoint intact. Returns the checkpoint's path."""
+    out = Path(out_dir)
+    final = out / f"step_{state['step']:08d}"
+    tmp = out / f".tmp-{final.name}"
+    if rank == 0:
+        for stale in out.glob(".tmp-step_*"):  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save({**rng_state(), "data": state["data"]}, tmp / f"rng_{rank}.pt")
+    if rank == 0:
+        save_model(model, tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "state": {k: v for k, v in state.items() if k != "data"}}, tmp / "train_state.pt")
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(out.glob("step_*"))[:-keep_last]:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def load(path, model, optimizer, scheduler, rank):
+    """Restores weights, optimizer, schedule and this rank's RNG; returns the saved training state."""
+    load_weights(model, path)
+    saved = torch.load(Path(path) / "train_state.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    per_rank = torch.load(Path(path) / f"rng_{rank}.pt", weights_only=False)
+    set_rng_state(per_rank)
+    return {**saved["state"], "data": per_rank["data"]}

@@ -1,0 +1,66 @@
+"""What a run tells its user: one line per log step, out_dir/log.jsonl, and Weights & Biases when asked.
+
+Only rank 0 reports; the other ranks stay quiet.
+"""
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def printable(text):
+    """A caption as one safe line: control characters (a barely trained model emits any token) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def step_line(step, total, lr, loss, s, skipped):
+    mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "-"
+    return (f"step {step:>6}/{total} | loss {loss:.4f} | lr {lr:.2e} | dt {s['dt_ms']:.0f}ms | "
+            f"{s['samples_per_s']:,.0f} samples/s | {s['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
+            f"data wait {100 * s['data_wait']:.0f}% | skipped {skipped}")
+
+
+def sample_captions(model, dataset, n, device):
+    """(id, caption, reference) for the first n (fixed) usable records of a dataset."""
+    rows = []
+    for item in (dataset[i] for i in range(min(n, len(dataset)))):
+        if "skip" not in item:
+            [caption] = model.generate(item["pixel_values"][None].to(device))
+            reference = model.tokenizer.decode([t for t in item["labels"].tolist() if t >= 0], skip_special_tokens=True)
+            rows.append((item["id"], caption, reference))
+    return rows
+
+
+class Reporter:
+    def __init__(self, cfg, rank, start_step):
+        self.path, self.quiet, self.wandb = Path(cfg.out_dir) / "log.jsonl", rank != 0, None
+        if self.quiet:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # a resumed run rewrites the steps after its checkpoint: keep one history
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if cfg.wandb_project:
+            import wandb
+            self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), resume="allow")
+
+    def print(self, line):
+        if not self.quiet:
+            tqdm.write(line)
+
+    def log(self, step, metrics, captions=()):
+        """Appends {step, **metrics} to log.jsonl (and wandb); captions are (id, caption, reference) rows."""
+        if self.quiet:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for id_, caption, truth in captions:
+            tqdm.write(f"  [{id_}] {printable(caption)}  (reference: {printable(truth)})")
+        if self.wandb:
+            import wandb
+            extra = {"captions": wandb.Table(columns=["id", "caption", "reference"], data=list(captions))} if captions else {}
+            self.wandb.log({**metrics, **extra}, step=step)
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()

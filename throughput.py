@@ -1,0 +1,78 @@
+"""Throughput accounting: samples/s, tokens/s, data wait, and MFU from FLOPs written out per step."""
+import time
+
+import torch
+
+from models.lora import LoRALinear
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
+
+
+def matmul_params(module):
+    """Weights that multiply activations (linear and conv layers), LoRA adapters counted apart."""
+    dense = sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    lora = sum(m.lora_A.numel() + m.lora_B.numel() for m in module.modules() if isinstance(m, LoRALinear))
+    return dense, lora
+
+
+def flop_counter(model):
+    """Returns flops(lengths, n_label_tokens): model FLOPs of one training step (a multiply-add is 2 FLOPs),
+    written out so it can be checked. The parameter counts are taken once, here.
+
+    vision (frozen, forward only):      2 * P_v * N  + 4 * L_v * N^2 * D_v          per image
+    projector (trained; its input       4 * P_gate_up * n_img + 6 * P_down * n_img    per image
+        needs no gradient):
+    LM (frozen: forward, plus backward  4 * P_lm * T + 12 * L * T^2 * D            per sample of T tokens
+        to the activations only):       + 6 * P_lora * T  (adapters get weight gradients too)
+    LM head (label positions only):     4 * V * D                                   per label token
+    """
+    v, lm = model.vision.config, model.lm.config
+    n_patches = (v.image_size // v.patch_size) ** 2
+    p_vision, _ = matmul_params(model.vision)
+    p_down, _ = matmul_params(model.projector.down)
+    p_gate_up = matmul_params(model.projector)[0] - p_down
+    p_lm, p_lora = matmul_params(model.lm.base_model)
+    per_image = 2 * p_vision * n_patches + 4 * v.num_hidden_layers * n_patches ** 2 * v.hidden_size \
+        + (4 * p_gate_up + 6 * p_down) * model.n_image_tokens
+    per_token, per_token_pair = 4 * p_lm + 6 * p_lora, 12 * lm.num_hidden_layers * lm.hidden_size
+    per_label = 4 * lm.vocab_size * lm.hidden_size
+
+    def flops(lengths, n_label_tokens):
+        return sum(per_image + per_token * T + per_token_pair * T * T for T in lengths) + per_label * n_label_tokens
+    return flops
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class Meter:
+    """Work done between two log lines, on host clocks and CPU-side counts: it never waits for the GPU."""
+
+    def __init__(self, model, device, world):
+        self.device, self.world, self.peak = device, world, peak_flops(device)
+        self.flops_of = flop_counter(model)
+        self.reset()
+
+    def reset(self):
+        self.t0, self.steps, self.samples, self.tokens, self.flops, self.data_wait = time.perf_counter(), 0, 0, 0, 0, 0.0
+
+    def add(self, batches, data_wait):
+        """One optimizer step over `batches` (its micro-batches, as the collator made them)."""
+        lengths = [n for b in batches for n in b["attention_mask"].sum(1).tolist()]  # unpadded
+        self.steps, self.samples, self.tokens = self.steps + 1, self.samples + len(lengths), self.tokens + sum(lengths)
+        self.flops += self.flops_of(lengths, sum(b["n_label_tokens"] for b in batches))
+        self.data_wait += data_wait
+
+    def read(self):
+        """Rates since the last read (the caller has just synced the device, so the clock is honest)."""
+        dt, w = time.perf_counter() - self.t0, self.world  # every rank did the same amount of work
+        stats = {"dt_ms": 1000 * dt / self.steps, "samples_per_s": w * self.samples / dt,
+                 "tokens_per_s": w * self.tokens / dt, "data_wait": self.data_wait / dt,
+                 "mfu": self.flops / dt / self.peak if self.peak else None,
+                 "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None}
+        self.reset()
+        return stats
