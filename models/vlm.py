@@ -58,6 +58,8 @@ class VLM(nn.Module):
         self.lm = lm
         self.processor, self.tokenizer = processor, tokenizer
         self.image_token_id = add_image_token(tokenizer)  # never embedded: its positions get image features
+        if tokenizer.pad_token is None:  # e.g. a GGUF conversion; padded positions are masked out of attention
+            tokenizer.pad_token = tokenizer.eos_token  # and labels anyway, so any id will do
         self.n_image_tokens = n_image_tokens(cfg)
         vcfg = getattr(vision.config, "vision_config", vision.config)
         self.projector = Projector(vcfg.hidden_size, lm.config.hidden_size, cfg.projector_hidden_dim,
