@@ -10,15 +10,18 @@ backbones (the CPU test does that).
 """
 import io
 import json
+import os
 import random
 import statistics
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import checkpoint
 import main
@@ -90,6 +93,59 @@ def bench_config(argv):
     return cfg
 
 
+def seconds_since_process_start():
+    """Wall seconds since this process began (Linux), so a cold start counts the imports too."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+
+
+class StepClock:
+    """GPU time of every optimizer step, from CUDA events recorded after each (the loop never waits for them),
+    and the seconds from process start to the first step done (one wait, at that step)."""
+
+    def __init__(self):
+        self.events, self.start_s = [], None
+        self.hook = register_optimizer_step_post_hook(self.tick)
+
+    def tick(self, optimizer, args, kwargs):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append(event)
+        if self.start_s is None:
+            event.synchronize()
+            self.start_s = seconds_since_process_start()
+
+    def summary(self, warmup=10):
+        """Start-up time; median and slowest step after `warmup` steps, and how many took over 2x the median."""
+        torch.cuda.synchronize()
+        ms = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])][warmup:]
+        median = statistics.median(ms)
+        return {"start_s": self.start_s, "step_ms_median": median, "step_ms_max": max(ms),
+                "steps_over_2x_median": sum(m > 2 * median for m in ms), "steps_timed": len(ms)}
+
+
+@torch.no_grad()
+def generation_speed(model, batch=64, new_tokens=32):
+    """Captions/s for one batch of random images, decoding exactly new_tokens (end-of-turn banned), with and
+    without the KV cache; the median of 3 runs after a warm-up."""
+    size = model.processor.size["height"]
+    pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=next(model.parameters()).device)
+    eot = model.tokenizer.eos_token_id
+    ban = model.lm.get_output_embeddings().register_forward_hook(lambda m, a, out: out.index_fill(-1, torch.tensor([eot], device=out.device), -1e4))
+    speeds = {}
+    for use_cache in (True, False):
+        times = []
+        for _ in range(4):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(pixels, max_new_tokens=new_tokens, use_cache=use_cache)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        speeds[f"captions_per_s_{'cache' if use_cache else 'no_cache'}"] = batch / statistics.median(times[1:])
+    ban.remove()
+    return {"batch": batch, "new_tokens": new_tokens, **speeds}
+
+
 def summarize(cfg, result, world):
     """Median over the log intervals after the first (which holds start-up and compilation)."""
     stats = result["stats"]
@@ -107,7 +163,10 @@ def summarize(cfg, result, world):
 
 if __name__ == "__main__":
     cfg = bench_config(sys.argv[1:])
+    clock = StepClock() if torch.cuda.is_available() and cfg.device != "cpu" else None
     result = main.train(cfg)
     rank, world, _ = main.setup_distributed(cfg)
     if rank == 0:
-        print("BENCH " + json.dumps(summarize(cfg, result, world)))
+        print("BENCH " + json.dumps({**summarize(cfg, result, world), **(clock.summary() if clock else {})}))
+        if clock:
+            print("GENERATE " + json.dumps(generation_speed(result["model"])))

@@ -102,7 +102,7 @@ def build_optimizer(cfg, model):
 
 
 def to_device(batch, device):
-    keys = ("input_ids", "pixel_values", "attention_mask", "labels")
+    keys = ("input_ids", "pixel_values", "labels", "label_index")
     return {k: batch[k].to(device, non_blocking=True) for k in keys}
 
 
@@ -111,14 +111,14 @@ def to_device(batch, device):
 def evaluate(model, loader, device, autocast):
     """Mean loss over the whole validation split (each rank its shard, summed across ranks)."""
     model.eval()
-    total = torch.zeros(2, device=device)
+    loss_sum, n_tokens = torch.zeros((), device=device), 0
     for b in loader:
         if b["pixel_values"] is not None:
             with autocast:
-                out = model(**to_device(b, device))
-            total += torch.stack([out.loss_sum, out.n_tokens.float()])
+                loss_sum += model(**to_device(b, device)).loss_sum
+            n_tokens += b["n_label_tokens"]
     model.train()
-    total = all_reduce(total)
+    total = all_reduce(torch.stack([loss_sum, torch.tensor(float(n_tokens), device=device)]))
     return (total[0] / total[1].clamp(min=1)).item()
 
 
@@ -169,7 +169,9 @@ def train(cfg: VLMConfig):
     if resume_from:
         state = checkpoint.load(resume_from, model, optimizer, scheduler, rank)
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
-    forward = torch.compile(ddp or model) if cfg.compile else ddp or model
+    forward = ddp or model
+    if cfg.compile and device.type == "cuda":
+        model.compile_blocks()
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     steps = steps_of_micro_batches(train_loader, state["step"], steps_per_epoch, cfg.grad_accum)
@@ -194,7 +196,8 @@ def train(cfg: VLMConfig):
             # Each micro-batch's summed loss is divided by the label-token count of the whole global batch, so the
             # accumulated gradient is exactly the global batch's (not a mean of micro-batch means). DDP averages
             # over ranks, hence * world; it all-reduces once, on the last micro-step (no_sync before it).
-            n_global = all_reduce(torch.tensor(float(sum(b["n_label_tokens"] for b in batches)), device=device))
+            n_local = torch.tensor(float(sum(b["n_label_tokens"] for b in batches)))
+            n_global = all_reduce(n_local.to(device, non_blocking=True))  # a blocking copy would wait for the GPU
             step_loss = torch.zeros((), device=device)
             try:
                 for i, batch in enumerate(batches):

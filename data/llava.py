@@ -18,7 +18,7 @@ from datasets import Dataset
 from PIL import Image
 
 from data.download import DataError
-from models.prompt import IGNORE, SampleError, encode, to_messages
+from models.prompt import IGNORE, SampleError, encode, label_positions, to_messages
 from models.vision import image_pixels
 
 
@@ -154,12 +154,14 @@ class Collator:
         for row, s in enumerate(good):
             n = len(s["input_ids"])
             input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = s["input_ids"], s["labels"], 1
+        label_index = label_positions(labels)
         return {
             "input_ids": input_ids,                                            # [B, T]
             "labels": labels,                                                  # [B, T]
             "attention_mask": attention_mask,                                  # [B, T]
             "pixel_values": torch.stack([s["pixel_values"] for s in good]) if good else None,  # [B, 3, H, W]
-            "n_label_tokens": int((labels[:, 1:] != IGNORE).sum()),  # counted here, on the CPU: no GPU sync
+            "label_index": label_index,  # where the LM head runs (found here, on the CPU: no GPU sync)
+            "n_label_tokens": len(label_index),
             "skipped": Counter(s["skip"] for s in bad),
             "skipped_ids": [s["id"] for s in bad],
         }

@@ -62,7 +62,7 @@ class VLMConfig:
 
     # --- system ---
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False
+    compile: bool = True  # torch.compile on CUDA (not on the CPU); its cache: TORCHINDUCTOR_CACHE_DIR
     # --- logging, evaluation, checkpoints ---
     log_every: int = 10
     eval_every: int = 500

@@ -84,3 +84,10 @@ def encode_prompt(tokenizer, prompt, n_image_tokens):
         prompt = f"{IMAGE_TOKEN}\n{prompt}"
     ids, _ = encode(tokenizer, [{"role": "user", "content": prompt}], n_image_tokens, generation_prompt=True)
     return ids
+
+
+def label_positions(labels):
+    """Flat indices into [B * T] of the positions whose next token is trained: where the LM head must run."""
+    B, T = labels.shape
+    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    return rows * T + cols

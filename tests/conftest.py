@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def tiny_batch():
     """Builds a labelled batch for a VLM the real way (models.prompt.encode, right padding) with random images:
-    tiny_batch(model, captions) -> dict(input_ids, attention_mask, labels, pixel_values)."""
+    tiny_batch(model, captions) -> dict(input_ids, labels, pixel_values)."""
     from models.prompt import DEFAULT_PROMPT, IGNORE, encode
 
     def build(model, captions=("a red circle at the center .", "a blue square at the top left .")):
@@ -67,7 +67,6 @@ def tiny_batch():
         pad = lambda seq, value: seq + [value] * (T - len(seq))  # noqa: E731
         size = model.processor.size["height"]
         return {"input_ids": torch.tensor([pad(ids, model.tokenizer.pad_token_id) for ids, _ in samples]),
-                "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in samples]),
                 "labels": torch.tensor([pad(labels, IGNORE) for _, labels in samples]),
                 "pixel_values": torch.randint(0, 256, (len(captions), 3, size, size), dtype=torch.uint8)}
     return build

@@ -25,7 +25,7 @@ def trained(request, tiny_cfg, tiny_batch, tmp_path):
 
 def logits(model, batch):
     with torch.no_grad():
-        return model.eval()(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
+        return model.eval()(batch["input_ids"], batch["pixel_values"]).logits
 
 
 def test_reload_gives_identical_logits(trained):

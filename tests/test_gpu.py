@@ -1,0 +1,84 @@
+"""GPU correctness, on the tiny backbones: bf16 against fp32, compiled against eager, the on-device skip of a
+non-finite step, exact resume and batched captions, all on CUDA. Skipped where there is no CUDA device (CI)."""
+import dataclasses
+
+import pytest
+import torch
+
+import checkpoint
+import main
+from conftest import trainable_params
+from models.vlm import VLM
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture
+def cuda_cfg(tiny_cfg):
+    return dataclasses.replace(tiny_cfg, device="cuda", compile=False)
+
+
+def loss_of(model, batch, dtype=None):
+    batch = {k: v.cuda() for k, v in batch.items()}
+    with torch.autocast("cuda", dtype) if dtype else torch.autocast("cuda", enabled=False):
+        return model(**batch).loss.float()
+
+
+def test_bf16_loss_is_close_to_fp32(cuda_cfg, tiny_batch):
+    """Frozen weights in bf16 and bf16 autocast (what training does on a GPU) within 2% of full fp32."""
+    model = VLM.from_config(cuda_cfg).cuda().eval()
+    batch = tiny_batch(model)
+    fp32 = loss_of(model, batch)
+    bf16 = loss_of(model.cast_frozen(torch.bfloat16), batch, torch.bfloat16)
+    assert abs(bf16 - fp32) / fp32 < 2e-2, (bf16, fp32)
+
+
+def test_compiled_is_close_to_eager(cuda_cfg, tiny_batch):
+    model = VLM.from_config(cuda_cfg).cuda().eval()
+    batch = tiny_batch(model)
+    eager = loss_of(model, batch)
+    compiled = loss_of(torch.compile(model, dynamic=True), batch)
+    assert abs(compiled - eager) / eager < 1e-4, (compiled, eager)
+
+
+def test_fused_adamw_skips_a_non_finite_step_on_cuda(cuda_cfg, monkeypatch, on_optimizer_step):
+    real, calls = main.build_model, []
+
+    def nan_at_step_2(cfg, device, resuming):
+        model = real(cfg, device, resuming)
+        model.projector.register_forward_hook(lambda m, a, out: (calls.append(1), out * float("nan") if len(calls) == 2 else out)[1])
+        return model
+    monkeypatch.setattr(main, "build_model", nan_at_step_2)
+    before, changed = [], []
+    on_optimizer_step(lambda opt: before.__setitem__(slice(None), [p.detach().clone() for p in trainable_params(opt)]))
+    on_optimizer_step(lambda opt: changed.append(any(not torch.equal(b, p) for b, p in zip(before, trainable_params(opt)))), "after")
+    result = main.train(dataclasses.replace(cuda_cfg, max_steps=3))
+    assert changed == [True, False, True] and result["step"] == 3
+
+
+def test_resume_is_exact_on_cuda(cuda_cfg, on_optimizer_step):
+    cfg = dataclasses.replace(cuda_cfg, max_steps=6, save_every=3, grad_accum=2, batch_size=4)
+    unbroken = main.train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-unbroken"))
+    calls = []
+
+    def crash_after_three(optimizer):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("simulated crash after step 3")
+    on_optimizer_step(crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        main.train(cfg)
+    resumed = main.train(cfg)
+    assert resumed["losses"] == unbroken["losses"][3:]
+    from safetensors.torch import load_file
+    a, b = (load_file(str(r["checkpoint"] / checkpoint.WEIGHTS)) for r in (resumed, unbroken))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_batch_is_captioned_like_each_image_alone_on_cuda(cuda_cfg):
+    model = VLM.from_config(cuda_cfg).cuda().cast_frozen(torch.bfloat16)
+    torch.nn.init.normal_(model.projector.down.weight, std=0.5)
+    size = model.processor.size["height"]
+    pixels = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).cuda()
+    alone = [model.generate(pixels[i:i + 1])[0] for i in range(4)]
+    assert model.generate(pixels) == alone
