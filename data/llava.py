@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data.download import DataError
 from models.prompt import IGNORE, SampleError, encode, label_positions, to_messages
@@ -97,6 +97,7 @@ def decode_image(data):
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # decode now, so truncated files fail here and not later
+        ImageOps.exif_transpose(img, in_place=True)  # a photo taken sideways is stored sideways, with a tag
         return to_rgb(img)
     except Image.DecompressionBombError:
         raise SampleError("image_too_large") from None

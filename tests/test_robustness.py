@@ -29,13 +29,13 @@ import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from PIL import Image, ImageDraw
+from PIL import ExifTags, Image, ImageDraw
 from safetensors.torch import load_file
 
 import checkpoint
 import main
 from conftest import REPO, cli_args, trainable_params
-from data.llava import ImageStore, LlavaDataset, ShardedBatchSampler, load_records, split_indices
+from data.llava import ImageStore, LlavaDataset, ShardedBatchSampler, decode_image, load_records, split_indices
 from models.config import ConfigError
 from checkpoint import WEIGHTS
 from models.vlm import VLM
@@ -236,6 +236,18 @@ def test_a_corrupt_member_of_images_zip_is_skipped(tiny_assets, tiny_cfg, tmp_pa
     (root / "images.zip").write_bytes(data)
     items = llava_dataset(tiny_cfg, VLM.from_config(tiny_cfg), root)
     assert items[0]["skip"] == "corrupt_image" and "skip" not in items[1]
+
+
+def test_a_photo_taken_sideways_is_turned_upright():
+    """Cameras store a portrait photo as landscape pixels with an EXIF orientation tag (6: turn 90 degrees
+    clockwise to view); training and generate.py both decode through decode_image."""
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))  # the left half red
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    image = decode_image(encoded(stored, "JPEG", exif=exif))
+    red_at_top, blue_at_bottom = image.getpixel((10, 5))[0], image.getpixel((10, 35))[2]
+    assert image.size == (20, 40) and red_at_top > 200 and blue_at_bottom > 200  # the left half is now on top
 
 
 @pytest.mark.parametrize("text", ['[{"id": "shape_000000", "image": "shape_000000.jpg", "conv', '{"records": []}'],
