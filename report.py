@@ -5,6 +5,7 @@ Only rank 0 reports; the other ranks stay quiet.
 import json
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 
@@ -20,15 +21,19 @@ def step_line(step, total, lr, loss, s, skipped):
             f"data wait {100 * s['data_wait']:.0f}% | skipped {skipped}")
 
 
-def sample_captions(model, dataset, n, device):
-    """(id, caption, reference) for the first n (fixed) usable records of a dataset."""
+def sample_captions(model, dataset, n, device, batch_size=64):
+    """(id, caption, reference) for the first n (fixed) usable records of a dataset, captioned in batches."""
+    items = [item for item in (dataset[i] for i in range(min(n, len(dataset)))) if "skip" not in item]
     rows = []
-    for item in (dataset[i] for i in range(min(n, len(dataset)))):
-        if "skip" not in item:
-            [caption] = model.generate(item["pixel_values"][None].to(device))
-            reference = model.tokenizer.decode([t for t in item["labels"].tolist() if t >= 0], skip_special_tokens=True)
-            rows.append((item["id"], caption, reference))
+    for chunk in (items[i:i + batch_size] for i in range(0, len(items), batch_size)):
+        captions = model.generate(torch.stack([item["pixel_values"] for item in chunk]).to(device))
+        rows += [(item["id"], caption, reference(model.tokenizer, item)) for item, caption in zip(chunk, captions)]
     return rows
+
+
+def reference(tokenizer, item):
+    """The text a data set item trains on (its labelled tokens), special tokens left out."""
+    return tokenizer.decode([t for t in item["labels"].tolist() if t >= 0], skip_special_tokens=True)
 
 
 class Reporter:
