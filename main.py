@@ -9,9 +9,13 @@
 import sys
 
 from models.config import ConfigError, VLMConfig, parse_or_exit
+from models.hub import HubError, check_reachable
 
-if __name__ == "__main__":  # --help and typos answer now, before the slow imports below
-    parse_or_exit(sys.argv[1:], prog="main.py", description=__doc__.splitlines()[0])
+if __name__ == "__main__":  # --help, typos and an unreachable hub answer now, before the slow imports below
+    try:
+        check_reachable(parse_or_exit(sys.argv[1:], prog="main.py", description=__doc__.splitlines()[0]))
+    except HubError as e:
+        sys.exit(f"error: {e}")
 
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -31,7 +35,6 @@ import checkpoint  # noqa: E402
 from data.download import DataError, ensure_dataset  # noqa: E402
 from data.llava import (Collator, ImageStore, LlavaDataset, ShardedBatchSampler, SkipTally,  # noqa: E402
                         filler_batch, load_records, split_indices, steps_of_micro_batches)
-from models.hub import HubError  # noqa: E402
 from models.vlm import VLM, check_shapes  # noqa: E402
 from report import Reporter, sample_captions, step_line  # noqa: E402
 from throughput import Meter  # noqa: E402
@@ -91,10 +94,11 @@ def build_data(cfg, model, rank, world):
 
 def build_optimizer(cfg, model):
     """AdamW with one group per (lr, weight decay): projector vs adapters; decay on matrices only."""
+    projector_lr = cfg.projector_lr if cfg.phase == "projector" else cfg.lora_projector_lr  # each phase its own
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            lr = cfg.projector_lr if name.startswith("projector.") else cfg.lora_lr
+            lr = projector_lr if name.startswith("projector.") else cfg.lora_lr
             groups.setdefault((lr, cfg.weight_decay if p.ndim >= 2 else 0.0), []).append(p)
     # fused on every device: one kernel for all tensors, and it can skip a step on the device (found_inf)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],

@@ -7,8 +7,8 @@
 The task: shapes captions (data/shapes.py) with the shapes moved and resized at random, so the seeded held-out
 split (`--val_size` records, never trained on) holds images the model has not seen. The vision tower is a tiny
 random SigLIP (the real one needs the hub), frozen unless `lora_vision`. Phase 1 (projector) trains once, since
-no axis of the grid changes it; then phase 2 (LoRA + projector, lr `--phase2_projector_lr`) trains from it for
-each setting. lora_alpha is 2 * lora_r; warmup_frac applies to phase 2. Reported per setting: exact-caption
+no axis of the grid changes it; then phase 2 (LoRA + projector) trains from it for
+each setting. The phase-2 projector learns at VLMConfig's lora_projector_lr. lora_alpha is 2 * lora_r; warmup_frac applies to phase 2. Reported per setting: exact-caption
 accuracy on the held-out split (greedy decoding vs the reference) and the held-out loss, as a markdown table
 and as out_dir/results.json. Rerunning the same command skips the settings already in results.json, so a
 sweep cut short (a job time limit) goes on where it stopped; any grid flags may differ between the runs.
@@ -33,7 +33,6 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--records", type=int, default=6000, help="size of the data set, held-out split included")
     parser.add_argument("--val_size", type=int, default=300)
-    parser.add_argument("--phase2_projector_lr", type=float, default=2e-5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true",
                         help="CPU, 200 records, 4 steps a phase; axes not given take their first value only")
@@ -110,7 +109,7 @@ def sweep(args):
         if s["name"] in done:
             continue
         cfg = dataclasses.replace(base, phase="lora", init_from=phase1.out_dir, out_dir=str(out / s["name"]),
-                                  projector_lr=args.phase2_projector_lr, resume=False,
+                                  resume=False,
                                   **{k: v for k, v in s.items() if k != "name"})
         saved["rows"].append({**s, "phases": "1+2", **held_out(main.train(cfg), cfg)})
         path.write_text(json.dumps(saved, indent=2) + "\n")  # after each setting: a sweep cut short keeps them

@@ -52,8 +52,9 @@ class VLMConfig:
     grad_accum: int = 2  # global batch = batch_size * grad_accum * world size
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
-    projector_lr: float = 1e-3
-    lora_lr: float = 2e-4
+    projector_lr: float = 1e-3  # phase 1: the projector's learning rate (LLaVA: 1e-3)
+    lora_lr: float = 2e-4  # phase 2: the adapters' learning rate
+    lora_projector_lr: float = 2e-5  # phase 2: the aligned projector's learning rate (LLaVA: 2e-5)
     weight_decay: float = 0.0  # applied to matrices only, never to biases or norms
     warmup_frac: float = 0.03
     grad_clip: float = 1.0
@@ -89,7 +90,7 @@ class VLMConfig:
                      "keep_last", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
-        for name in ("projector_lr", "lora_lr"):
+        for name in ("projector_lr", "lora_lr", "lora_projector_lr"):
             if not getattr(self, name) > 0:
                 bad(name, "must be a positive learning rate, e.g. 1e-3")
         for name, lo, hi in (("lora_dropout", 0, 1), ("warmup_frac", 0, 1), ("max_bad_fraction", 0, 1)):

@@ -29,7 +29,31 @@ def from_hub(loader, name, **kw):
     try:
         return loader.from_pretrained(name, **kw, **({"local_files_only": True} if cache_only else {}))
     except OSError as e:
-        why = "no Hugging Face Hub (offline or unreachable), not in the local cache" if cache_only else type(e).__name__
-        raise HubError(f"could not load '{name}' ({why}). Without access to the Hugging Face Hub, point "
-                       "--vision_model and --lm_model at local copies (and --data_dir at the data), or "
-                       f"{OFFLINE_DEMO}") from e
+        raise unreachable(name, NO_HUB if cache_only else type(e).__name__) from e
+
+
+NO_HUB = "no Hugging Face Hub (offline or unreachable), not in the local cache"
+
+
+def unreachable(name, why):
+    return HubError(f"could not load '{name}' ({why}). Without access to the Hugging Face Hub, point "
+                    "--vision_model and --lm_model at local copies (and --data_dir at the data), or "
+                    f"{OFFLINE_DEMO}")
+
+
+def check_reachable(cfg):
+    """Cheap (no torch): each backbone is a local directory, in the cache, or the hub answers. A script calls it
+    before its slow imports, so an offline run without local copies fails in a second, not after ten."""
+    for name in (cfg.vision_model, cfg.lm_model):
+        if not os.path.isdir(name) and not in_cache(name) and not hub_reachable():
+            raise unreachable(name, NO_HUB)
+    return cfg
+
+
+def in_cache(name):
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except HFValidationError:  # not a hub id either (e.g. a path that does not exist)
+        return False

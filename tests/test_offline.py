@@ -1,12 +1,16 @@
 """Without the Hugging Face Hub: a run stops at once with a message naming the way out, and a failed download
 leaves no folder behind (but keeps what a rerun resumes from)."""
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import huggingface_hub
 import pytest
 
 import main
+from conftest import REPO
 from data.download import DataError, ensure_dataset
 from models.config import VLMConfig
 from models.hub import hub_reachable
@@ -66,3 +70,13 @@ def test_a_failed_download_keeps_a_partial_file_to_resume_from(tmp_path, monkeyp
         ensure_dataset(cfg)
     partial = tmp_path / cfg.dataset.replace("/", "--") / ".cache" / "huggingface" / "download"
     assert (partial / "chat.json.etag.incomplete").read_bytes() == b"the first bytes"
+
+
+def test_the_command_line_names_the_way_out(tmp_path):
+    """`python main.py` without the hub: the message, no traceback, from the check that runs before the imports
+    of torch and transformers (a local path that does not exist is reported the same way)."""
+    for flags in ([], ["--vision_model", str(tmp_path / "no_such_dir")]):
+        out = subprocess.run([sys.executable, str(REPO / "main.py"), *flags], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 1 and "--vision_model and --lm_model" in out.stderr and "demo.py" in out.stderr
+        assert "Traceback" not in out.stderr

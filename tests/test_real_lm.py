@@ -110,7 +110,7 @@ def test_a_tokenizer_without_pad_token_pads_with_end_of_turn_and_padding_changes
 
     def loss_sum(b):
         with torch.no_grad():
-            return model(**{k: b[k] for k in ("input_ids", "pixel_values", "attention_mask", "labels")}).loss_sum
+            return model(**{k: b[k] for k in ("input_ids", "pixel_values", "labels", "label_index")}).loss_sum
     alone = sum(loss_sum(Collator(model.tokenizer.pad_token_id)([s])) for s in (short, long))
     torch.testing.assert_close(loss_sum(batch), alone, rtol=1e-4, atol=1e-4)
 
@@ -142,7 +142,7 @@ def test_the_checkpoint_reloads_with_identical_logits(trained, tiny_batch):
     model, loaded = lora["model"].eval(), load_model(lora["checkpoint"]).eval()
     batch = tiny_batch(model)
     with torch.no_grad():
-        logits = [m(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits for m in (model, loaded)]
+        logits = [m(batch["input_ids"], batch["pixel_values"]).logits for m in (model, loaded)]
     assert torch.equal(*logits)
 
 
