@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import checkpoint
 import main
 from models.config import VLMConfig, parse_overrides
+from models.prompt import DEFAULT_PROMPT, encode_prompt
 from models.tiny import build_backbones
 from models.vlm import VLM
 
@@ -124,24 +126,39 @@ class StepClock:
                 "steps_over_2x_median": sum(m > 2 * median for m in ms), "steps_timed": len(ms)}
 
 
+def greedy_without_cache(model, pixel_values, max_new_tokens):
+    """Greedy decoding without a KV cache, the baseline of the cache (and its test): every step runs the whole sequence through the model (no KV cache), then cuts each row at
+    its end-of-turn. (transformers' generate cannot serve: from inputs_embeds it decodes with the cache whatever
+    use_cache says.)"""
+    ids = torch.tensor([encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * len(pixel_values),
+                       device=pixel_values.device)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=ids.is_cuda):
+        for _ in range(max_new_tokens):
+            ids = torch.cat([ids, model(ids, pixel_values).logits[:, -1:].argmax(-1)], dim=1)
+    eot = model.tokenizer.eos_token_id
+    new = [row[-max_new_tokens:] for row in ids.tolist()]
+    return [model.tokenizer.decode(row[:row.index(eot)] if eot in row else row, skip_special_tokens=True).strip()
+            for row in new]
+
+
 @torch.no_grad()
 def generation_speed(model, batch=64, new_tokens=32):
-    """Captions/s for one batch of random images, decoding exactly new_tokens (end-of-turn banned), with and
-    without the KV cache; the median of 3 runs after a warm-up."""
+    """Captions/s for one batch of random images, decoding exactly new_tokens (end-of-turn banned), with the KV
+    cache (model.generate) and without (greedy_without_cache); the median of 3 runs after a warm-up."""
     size = model.processor.size["height"]
     pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=next(model.parameters()).device)
-    eot = model.tokenizer.eos_token_id
-    ban = model.lm.get_output_embeddings().register_forward_hook(lambda m, a, out: out.index_fill(-1, torch.tensor([eot], device=out.device), -1e4))
+    eot = torch.tensor([model.tokenizer.eos_token_id], device=pixels.device)
+    ban = model.lm.get_output_embeddings().register_forward_hook(lambda m, a, out: out.index_fill(-1, eot, -1e4))
     speeds = {}
-    for use_cache in (True, False):
+    for name, decode in (("cache", model.generate), ("no_cache", partial(greedy_without_cache, model))):
         times = []
         for _ in range(4):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model.generate(pixels, max_new_tokens=new_tokens, use_cache=use_cache)
+            decode(pixels, max_new_tokens=new_tokens)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        speeds[f"captions_per_s_{'cache' if use_cache else 'no_cache'}"] = batch / statistics.median(times[1:])
+        speeds[f"captions_per_s_{name}"] = batch / statistics.median(times[1:])
     ban.remove()
     return {"batch": batch, "new_tokens": new_tokens, **speeds}
 

@@ -22,7 +22,6 @@ import signal  # noqa: E402
 import time  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 from datetime import timedelta  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

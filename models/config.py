@@ -11,7 +11,7 @@ import json
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 

@@ -156,8 +156,7 @@ class VLM(nn.Module):
         return VLMOutput(loss=loss_sum / max(n, 1), loss_sum=loss_sum, n_tokens=n)
 
     @torch.no_grad()
-    def generate(self, pixel_values, prompt=DEFAULT_PROMPT, max_new_tokens=32, temperature=0.0, top_p=1.0,
-                 use_cache=True):
+    def generate(self, pixel_values, prompt=DEFAULT_PROMPT, max_new_tokens=32, temperature=0.0, top_p=1.0):
         """Caption a batch of uint8 images [B, 3, H, W] (image_pixels): the vision tower runs once per image,
         then the LM decodes with its KV cache; each sequence stops at its own end-of-turn token."""
         ids = torch.tensor([encode_prompt(self.tokenizer, prompt, self.n_image_tokens)] * len(pixel_values),
@@ -170,7 +169,7 @@ class VLM(nn.Module):
                 out = self.lm.generate(
                     inputs_embeds=self.embed(ids, pixel_values), attention_mask=torch.ones_like(ids),
                     max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
-                    top_p=top_p if temperature > 0 else None, use_cache=use_cache,
+                    top_p=top_p if temperature > 0 else None,
                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
         finally:
             self.train(was_training)

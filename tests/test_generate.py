@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO
 from data.shapes import draw
+from bench import greedy_without_cache
 from generate import export, load_image
 from models.lora import lora_layers
 from models.prompt import DEFAULT_PROMPT, encode_prompt
@@ -35,20 +36,6 @@ def tiny_model(cfg, **overrides):
 
 def pixels(model, images=SHAPES):
     return image_pixels(model.processor, images)  # [B, 3, H, W] uint8
-
-
-def greedy_without_cache(model, pixel_values, max_new_tokens):
-    """The reference: every step runs the whole sequence through the model (no KV cache), then cuts each row at
-    its end-of-turn. model.generate(use_cache=False) cannot serve: transformers decodes from inputs_embeds
-    with the cache whatever use_cache says."""
-    ids = torch.tensor([encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * len(pixel_values))
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            ids = torch.cat([ids, model(ids, pixel_values).logits[:, -1:].argmax(-1)], dim=1)
-    eot = model.tokenizer.eos_token_id
-    new = [row[-max_new_tokens:] for row in ids.tolist()]
-    return [model.tokenizer.decode(row[:row.index(eot)] if eot in row else row, skip_special_tokens=True).strip()
-            for row in new]
 
 
 def test_kv_cache_gives_the_same_captions(tiny_cfg):

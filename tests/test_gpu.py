@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-import checkpoint
 import main
 from conftest import trainable_params
+from test_train import check_resume_is_exact
 from models.vlm import VLM
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -57,22 +57,7 @@ def test_fused_adamw_skips_a_non_finite_step_on_cuda(cuda_cfg, monkeypatch, on_o
 
 
 def test_resume_is_exact_on_cuda(cuda_cfg, on_optimizer_step):
-    cfg = dataclasses.replace(cuda_cfg, max_steps=6, save_every=3, grad_accum=2, batch_size=4)
-    unbroken = main.train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-unbroken"))
-    calls = []
-
-    def crash_after_three(optimizer):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt("simulated crash after step 3")
-    on_optimizer_step(crash_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        main.train(cfg)
-    resumed = main.train(cfg)
-    assert resumed["losses"] == unbroken["losses"][3:]
-    from safetensors.torch import load_file
-    a, b = (load_file(str(r["checkpoint"] / checkpoint.WEIGHTS)) for r in (resumed, unbroken))
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    check_resume_is_exact(cuda_cfg, on_optimizer_step)
 
 
 def test_a_batch_is_captioned_like_each_image_alone_on_cuda(cuda_cfg):
