@@ -1,10 +1,13 @@
 """VLMConfig: command-line overrides, JSON round-trip, validation errors that name the field."""
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
 from checkpoint import check_init_from
+from conftest import REPO
 from models.config import ConfigError, VLMConfig, parse_overrides
 
 
@@ -121,3 +124,19 @@ def test_lora_phase_checks_the_projector_checkpoint(tmp_path):
     check_init_from(VLMConfig(phase="lora", init_from=str(tmp_path)))
     expect_error("pixel_unshuffle", check_init_from, VLMConfig(phase="lora", init_from=str(tmp_path), pixel_unshuffle=1))
     expect_error("init_from", check_init_from, VLMConfig(phase="lora", init_from=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("script, argv, expected", [
+    ("main.py", ["--lr", "1e-3"], "did you mean --projector_lr, --lora_lr"),
+    ("main.py", ["--batchsize", "8"], "did you mean --batch_size"),
+    ("main.py", ["--help"], "--lora_projector_lr FLOAT"),
+    ("demo.py", ["--epochs", "two"], "--epochs: invalid int value"),
+])
+def test_scripts_answer_flags_before_importing_torch(script, argv, expected):
+    """--help and typos are answered by the config alone: torch and transformers are never imported."""
+    code = ("import runpy, sys\nsys.argv = [sys.argv[1], *sys.argv[2:]]\ntry:\n"
+            "    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n"
+            "    print('EXIT', e.code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, script, *argv], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert expected in out.stdout + out.stderr
+    assert "True" not in out.stdout.split("EXIT")[1]

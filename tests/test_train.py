@@ -147,3 +147,27 @@ def test_default_run_offline_names_the_demo(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main.main([f"--cache_dir={tmp_path}"])
     assert "demo.py" in str(e.value)
+
+
+def test_resume_with_other_settings_stops_naming_each_field(tiny_cfg, monkeypatch):
+    """A rerun that changes the math (here the batch size and a learning rate) stops before anything loads, with
+    both values and the two ways out; a harmless change (logging) resumes."""
+    main.train(dataclasses.replace(tiny_cfg, max_steps=2))
+    changed = dataclasses.replace(tiny_cfg, max_steps=2, batch_size=4, projector_lr=5e-2)
+    monkeypatch.setattr(main, "build_model", lambda *a: pytest.fail("loaded a model before refusing"))
+    with pytest.raises(main.ConfigError) as e:
+        main.train(changed)
+    for text in ("--batch_size: 8 in the checkpoint, 4 now", "--projector_lr: 0.001 in the checkpoint, 0.05 now",
+                 "--resume false", "new --out_dir"):
+        assert text in str(e.value)
+    monkeypatch.undo()
+    assert main.train(dataclasses.replace(tiny_cfg, max_steps=2, log_every=5))["step"] == 2
+
+
+@pytest.mark.parametrize("phase, expected", [("projector", 1e-3), ("lora", 2e-5)])
+def test_each_phase_trains_the_projector_at_its_own_rate(tiny_cfg, phase, expected):
+    cfg = dataclasses.replace(tiny_cfg, phase=phase, init_from="x", projector_lr=1e-3, lora_projector_lr=2e-5)
+    model = VLM.from_config(cfg)
+    groups = main.build_optimizer(cfg, model).param_groups
+    projector = {id(p) for p in model.projector.parameters()}
+    assert {g["lr"] for g in groups if any(id(p) in projector for p in g["params"])} == {expected}
