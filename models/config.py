@@ -53,7 +53,7 @@ class VLMConfig:
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
     projector_lr: float = 1e-3  # phase 1: the projector's learning rate (LLaVA: 1e-3)
-    lora_lr: float = 2e-4  # phase 2: the adapters' learning rate
+    lora_lr: float = 1e-3  # phase 2: the adapters' learning rate (chosen by sweep.py; see the README)
     lora_projector_lr: float = 2e-5  # phase 2: the aligned projector's learning rate (LLaVA: 2e-5)
     weight_decay: float = 0.0  # applied to matrices only, never to biases or norms
     warmup_frac: float = 0.03
