@@ -111,7 +111,7 @@ class VLM(nn.Module):
     def normalize(self, pixel_values):                         # [B, 3, H, W] uint8 -> float32
         """Rescale and normalise on the device, as the checkpoint's image processor would."""
         if pixel_values.dtype != torch.uint8:
-            raise TypeError(f"pixel_values must be uint8 images from models.vlm.image_pixels, got {pixel_values.dtype}")
+            raise TypeError(f"pixel_values must be uint8 images from models.vision.image_pixels, got {pixel_values.dtype}")
         return pixel_values.float() * self.pixel_scale - self.pixel_shift
 
     def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8
