@@ -16,11 +16,11 @@ sweep cut short (a job time limit) goes on where it stopped; any grid flags may 
 import argparse
 import sys
 
-from models.config import _parse_bool
+from models.config import parse_bool
 
 GRID = {"lora_lr": [2e-4, 1e-3, 3e-3], "lora_r": [16], "lora_dropout": [0.0, 0.05], "warmup_frac": [0.03],
         "lora_vision": [False, True]}
-TYPES = {"lora_lr": float, "lora_r": int, "lora_dropout": float, "warmup_frac": float, "lora_vision": _parse_bool}
+TYPES = {"lora_lr": float, "lora_r": int, "lora_dropout": float, "warmup_frac": float, "lora_vision": parse_bool}
 
 
 def parse_args(argv):

@@ -134,7 +134,7 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _parse_bool(text):
+def parse_bool(text):
     low = text.lower()
     if low in ("1", "true", "yes", "on"):
         return True
@@ -168,7 +168,7 @@ def build_parser(base, prog=None, description=None):
         kw = dict(default=argparse.SUPPRESS, help=f"{comments.get(f.name, '')} (default: "
                   f"{','.join(default) if f.type is tuple else default!r})".lstrip())
         if f.type is bool:  # `--compile` alone means true
-            kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+            kw.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
         elif f.type is tuple:
             kw.update(type=lambda text: tuple(s for s in text.split(",") if s), metavar="A,B,...")
         else:

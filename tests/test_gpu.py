@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import main
-from conftest import trainable_params
+from test_robustness import on_projector_forward, spy_optimizer_steps
 from test_train import check_resume_is_exact
 from models.vlm import VLM
 
@@ -42,18 +42,10 @@ def test_compiled_is_close_to_eager(cuda_cfg, tiny_batch):
 
 
 def test_fused_adamw_skips_a_non_finite_step_on_cuda(cuda_cfg, monkeypatch, on_optimizer_step):
-    real, calls = main.build_model, []
-
-    def nan_at_step_2(cfg, device, resuming):
-        model = real(cfg, device, resuming)
-        model.projector.register_forward_hook(lambda m, a, out: (calls.append(1), out * float("nan") if len(calls) == 2 else out)[1])
-        return model
-    monkeypatch.setattr(main, "build_model", nan_at_step_2)
-    before, changed = [], []
-    on_optimizer_step(lambda opt: before.__setitem__(slice(None), [p.detach().clone() for p in trainable_params(opt)]))
-    on_optimizer_step(lambda opt: changed.append(any(not torch.equal(b, p) for b, p in zip(before, trainable_params(opt)))), "after")
+    on_projector_forward(monkeypatch, lambda call, out: out * float("nan") if call == 2 else out)
+    steps = spy_optimizer_steps(on_optimizer_step)
     result = main.train(dataclasses.replace(cuda_cfg, max_steps=3))
-    assert changed == [True, False, True] and result["step"] == 3
+    assert steps == [(True, True), (False, False), (True, True)] and result["step"] == 3
 
 
 def test_resume_is_exact_on_cuda(cuda_cfg, on_optimizer_step):
