@@ -67,6 +67,14 @@ def make_cc3m_like(out_dir, n, distinct=256, seed=0):
     return [r["conversations"][1]["value"] for r in records[:2000]] + list(INSTRUCTIONS)
 
 
+def pop_flag(argv, flag, default):
+    """(argv without `flag VALUE`, VALUE or default): bench's own flags, beside VLMConfig's."""
+    if flag not in argv:
+        return argv, default
+    at = argv.index(flag)
+    return argv[:at] + argv[at + 2:], argv[at + 1]
+
+
 def prepare(root, size, n_records):
     if not (root / "lm" / "config.json").is_file():
         corpus = make_cc3m_like(root / "data", n_records)
@@ -76,10 +84,7 @@ def prepare(root, size, n_records):
 
 def bench_config(argv):
     """Bench defaults (full-size backbones, 40 steps, no evaluation), then the user's flags."""
-    size = "base"
-    if "--size" in argv:
-        at = argv.index("--size")
-        size, argv = argv[at + 1], argv[:at] + argv[at + 2:]
+    argv, size = pop_flag(argv, "--size", "base")
     root = Path("checkpoints/bench") / size
     cfg = parse_overrides(argv, VLMConfig(batch_size=128, grad_accum=1, max_steps=40, log_every=10, val_size=256,
                                           eval_every=10**9, eval_captions=0, save_every=10**9, resume=False,
@@ -126,13 +131,39 @@ class StepClock:
                 "steps_over_2x_median": sum(m > 2 * median for m in ms), "steps_timed": len(ms)}
 
 
+class StepProfiler:
+    """torch.profiler over `n` optimizer steps starting at step `start`; prints the top GPU kernels and how busy
+    the GPU was: a GPU busy far less than the step time means the host (kernel launches) bounds the step."""
+
+    def __init__(self, start=100, n=8):
+        self.start, self.n, self.step, self.prof = start, n, 0, None
+        self.hook = register_optimizer_step_post_hook(self.tick)
+
+    def tick(self, optimizer, args, kwargs):
+        self.step += 1
+        if self.step == self.start:
+            torch.cuda.synchronize()
+            self.prof, self.t0 = torch.profiler.profile(), time.perf_counter()
+            self.prof.__enter__()
+        elif self.step == self.start + self.n:
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - self.t0) * 1000 / self.n
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            gpu_ms = sum(e.self_device_time_total for e in kernels) / 1000 / self.n
+            print(events.table(sort_by="self_device_time_total", row_limit=15))
+            print(f"PROFILE step {wall_ms:.1f} ms wall, GPU busy {gpu_ms:.1f} ms ({gpu_ms / wall_ms:.0%})")
+
+
 def greedy_without_cache(model, pixel_values, max_new_tokens):
     """Greedy decoding without a KV cache, the baseline of the cache (and its test): every step runs the whole sequence through the model (no KV cache), then cuts each row at
     its end-of-turn. (transformers' generate cannot serve: from inputs_embeds it decodes with the cache whatever
     use_cache says.)"""
     ids = torch.tensor([encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * len(pixel_values),
                        device=pixel_values.device)
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=ids.is_cuda):
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=ids.is_cuda), \
+            torch.compiler.set_stance("force_eager"):  # compiled layers would recompile for every new length
         for _ in range(max_new_tokens):
             ids = torch.cat([ids, model(ids, pixel_values).logits[:, -1:].argmax(-1)], dim=1)
     eot = model.tokenizer.eos_token_id
@@ -179,8 +210,10 @@ def summarize(cfg, result, world):
 
 
 if __name__ == "__main__":
-    cfg = bench_config(sys.argv[1:])
+    argv, profile_at = pop_flag(sys.argv[1:], "--profile_at", "0")
+    cfg = bench_config(argv)
     clock = StepClock() if torch.cuda.is_available() and cfg.device != "cpu" else None
+    profiler = StepProfiler(int(profile_at)) if clock and int(profile_at) else None
     result = main.train(cfg)
     rank, world, _ = main.setup_distributed(cfg)
     if rank == 0:

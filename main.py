@@ -83,7 +83,7 @@ def build_data(cfg, model, rank, world):
                             model.n_image_tokens, cfg.max_text_tokens)
 
     loading = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                   pin_memory=torch.cuda.is_available(), collate_fn=Collator(model.tokenizer.pad_token_id),
+                   pin_memory=torch.cuda.is_available(), collate_fn=Collator(model.tokenizer.pad_token_id, cfg.pad_multiple),
                    generator=torch.Generator())  # its own RNG: starting an epoch must not shift dropout's
     sampler = ShardedBatchSampler(len(train_idx), cfg.batch_size, rank, world, cfg.seed)
     train_loader = DataLoader(dataset(train_idx), batch_sampler=sampler, **loading)
@@ -117,6 +117,7 @@ def evaluate(model, loader, device, autocast):
     loss_sum, n_tokens = torch.zeros((), device=device), 0
     for b in loader:
         if b["pixel_values"] is not None:
+            torch.compiler.cudagraph_mark_step_begin()
             with autocast:
                 loss_sum += model(**to_device(b, device)).loss_sum
             n_tokens += b["n_label_tokens"]
@@ -174,7 +175,8 @@ def train(cfg: VLMConfig):
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
     forward = ddp or model
     if cfg.compile and device.type == "cuda":
-        model.compile_blocks()
+        n_lengths = -(-(model.n_image_tokens + cfg.max_text_tokens) // cfg.pad_multiple)
+        model.compile_blocks(n_lengths, cuda_graphs=ddp is None)  # CUDA graphs untested under DDP (no multi-GPU machine)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     steps = steps_of_micro_batches(train_loader, state["step"], steps_per_epoch, cfg.grad_accum)
@@ -208,6 +210,7 @@ def train(cfg: VLMConfig):
                         continue
                     if batch["pixel_values"] is None:  # the same, but the other ranks wait for this rank's backward
                         batch = filler_batch(train_loader.dataset, train_loader.collate_fn)
+                    torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs may now reuse the last forward's buffers
                     with ddp.no_sync() if ddp and i < len(batches) - 1 else nullcontext():
                         with autocast:
                             out = forward(**to_device(batch, device))

@@ -140,15 +140,18 @@ class LlavaDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Pads a batch to its own longest sample (right padding) and drops skipped records, counting them."""
+    """Pads a batch (right padding) to its longest sample, rounded up to a multiple of pad_multiple, and drops
+    skipped records, counting them. Rounding leaves a handful of distinct lengths: compiled kernels (and CUDA
+    graphs) are made once per length and then reused, where one length per batch would recompile."""
 
-    def __init__(self, pad_id):
-        self.pad_id = pad_id
+    def __init__(self, pad_id, pad_multiple=1):
+        self.pad_id, self.pad_multiple = pad_id, pad_multiple
 
     def __call__(self, samples):
         good = [s for s in samples if "skip" not in s]
         bad = [s for s in samples if "skip" in s]
         B, T = len(good), max((len(s["input_ids"]) for s in good), default=0)
+        T = -(-T // self.pad_multiple) * self.pad_multiple
         input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         labels = torch.full((B, T), IGNORE, dtype=torch.long)
         attention_mask = torch.zeros((B, T), dtype=torch.long)

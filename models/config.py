@@ -46,6 +46,7 @@ class VLMConfig:
     val_size: int = 1000  # held-out records (chosen by seed, not by position)
     num_workers: int = 8
     max_bad_fraction: float = 0.05  # stop if more than this fraction of samples turn out unusable
+    pad_multiple: int = 8  # pad each batch's length up to a multiple of this: few distinct shapes to compile
 
     # --- optimisation ---
     batch_size: int = 64  # per device, per micro-step
@@ -86,7 +87,7 @@ class VLMConfig:
             bad("init_from", "the lora phase starts from a projector checkpoint: pass --init_from DIR "
                 "(the out_dir of a --phase projector run)")
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "epochs", "pixel_unshuffle",
-                     "projector_hidden_dim", "max_text_tokens", "log_every", "eval_every", "save_every",
+                     "projector_hidden_dim", "max_text_tokens", "pad_multiple", "log_every", "eval_every", "save_every",
                      "keep_last", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
