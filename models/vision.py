@@ -111,7 +111,8 @@ class VisionTowers(nn.Module):
 
     def forward(self, pixel_values):                                 # [B, 3, H, W] uint8
         if pixel_values.dtype != torch.uint8:
-            raise TypeError(f"pixel_values must be uint8 images from models.vision.image_pixels, got {pixel_values.dtype}")
+            raise TypeError(f"pixel_values must be uint8 images from models.vision.image_pixels, "
+                            f"got {pixel_values.dtype}")
         feats = []
         for i, tower in enumerate(self.towers):
             pixels = pixel_values.float()

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPVisionConfig, Dinov2Config, SiglipVisionConfig
+from transformers import CLIPVisionConfig, Dinov2Config, Dinov2Model, SiglipVisionConfig
 
 import checkpoint
 import generate
@@ -113,6 +113,17 @@ def test_fused_towers_must_make_the_same_grid(tiny_cfg, tmp_path):
     siglip = weightless_tower(tmp_path / "siglip", SiglipVisionConfig(patch_size=16), "siglip", 224)  # 14x14
     with pytest.raises(ConfigError, match="fused_vision_model.*16x16.*14x14"):
         n_image_tokens(dataclasses.replace(tiny_cfg, vision_model=dinov2, fused_vision_model=siglip))
+
+
+def test_a_fused_tower_of_another_resolution_sees_the_image_at_its_own(tiny_cfg, towers, tmp_path):
+    """SigLIP with 8 px patches at 32 px and DINOv2 with 16 px patches at 64 px both make 4x4 grids."""
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=16, image_size=64)
+    Dinov2Model(config).save_pretrained(tmp_path / "dinov2")
+    image_processor("dinov2", 64).save_pretrained(tmp_path / "dinov2")
+    cfg = dataclasses.replace(tiny_cfg, vision_model=towers["siglip"], fused_vision_model=str(tmp_path / "dinov2"))
+    vision, processor = load_vision(cfg)
+    pixels = image_pixels(processor, [Image.new("RGB", (40, 30), (10, 200, 30))])  # [1, 3, 32, 32]
+    assert n_image_tokens(cfg) == 4 and vision(pixels).shape == (1, 16, 64 + 32)
 
 
 def test_preset_is_a_starting_point_that_flags_override(tmp_path, capsys):
