@@ -100,11 +100,12 @@ class VLM(nn.Module):
     def enable_gradient_checkpointing(self):
         """Keep only each layer's input and recompute the rest in the backward pass. Non-reentrant checkpoints
         give gradients to LoRA adapters and to the image features under a frozen LM, and nest in torch.compile."""
-        kw = dict(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.lm.activation_checkpointing_enable(**kw)
+        # The name transformers 5.17 knows too (5.23 renames it activation_checkpointing_enable and warns)
+        kw = dict(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lm.gradient_checkpointing_enable(**kw)
         if self.cfg.lora_vision:  # a frozen tower runs under no_grad: there is nothing to recompute
             for tower in self.vision.towers:
-                tower.activation_checkpointing_enable(**kw)
+                tower.gradient_checkpointing_enable(**kw)
 
     def compile_blocks(self):
         """torch.compile each transformer layer, not the whole model. The layers of a tower share one compiled
