@@ -21,8 +21,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class VLMConfig:
-    # --- preset: a reference recipe that sets several fields below; any flag still overrides it ---
-    preset: str = "tinyvlm"  # a reference recipe (PRESETS in models/config.py); any other flag overrides it
+    # --- preset ---
+    preset: str = "tinyvlm"  # a reference recipe (PRESETS, models/config.py) setting several fields; flags override it
 
     # --- backbones (hub ids or local directories) ---
     vision_model: str = "google/siglip-base-patch16-224"  # any transformers vision tower: SigLIP, CLIP, DINOv2
@@ -141,8 +141,8 @@ class VLMConfig:
 # The reference recipes (README, "Beyond SigLIP + SmolLM2"), each a starting point that sets a few fields. Phase 1
 # trains the projector at projector_lr, phase 2 LoRA at lora_lr; gradient checkpointing and a small per-device
 # batch let the 3-4B LMs train on one 80 GB GPU (global batch 128, as LLaVA fine-tunes).
-PHI3_MINI = dict(lm_model="microsoft/Phi-3-mini-4k-instruct", lora_targets=("qkv_proj", "o_proj", "gate_up_proj",
-                                                                               "down_proj"))
+PHI3_MINI = dict(lm_model="microsoft/Phi-3-mini-4k-instruct",
+                 lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))  # Phi-3 fuses q/k/v, gate/up
 BIG_LM = dict(lora_lr=2e-4, gradient_checkpointing=True, batch_size=16, grad_accum=8)
 PRESETS = {
     "tinyvlm": {},  # the defaults above: SigLIP-B/16-224 + SmolLM2-135M
@@ -228,9 +228,9 @@ def with_preset(argv, cfg):
     """`cfg` with the fields of the preset that argv names (if any) laid over it. Read before the other flags, so
     they override it wherever they stand, and --help shows the preset's values as the defaults."""
     first = _Parser(add_help=False, allow_abbrev=False)
-    first.add_argument("--preset", choices=list(PRESETS), default=cfg.preset)
+    first.add_argument("--preset", choices=list(PRESETS))
     name = first.parse_known_args([_underscored(a) for a in argv])[0].preset
-    return dataclasses.replace(cfg, preset=name, **PRESETS[name])
+    return dataclasses.replace(cfg, preset=name, **PRESETS[name]) if name else cfg
 
 
 def parse_or_exit(argv, base=None, prog=None, description=None):

@@ -134,6 +134,7 @@ def test_preset_is_a_starting_point_that_flags_override(tmp_path, capsys):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["preset"] == "phiclip" and saved["lm_model"] == "microsoft/Phi-3-mini-4k-instruct"
     assert VLMConfig.load(tmp_path / "config.json") == cfg
+    assert parse_overrides(["--lora_lr", "1e-4"], cfg).vision_feature_layer == -1  # a saved config is not re-preset
     with pytest.raises(SystemExit):
         parse_overrides(["--preset", "prismatic-siglip-phi2", "--help"])
     help_text = capsys.readouterr().out
