@@ -99,7 +99,8 @@ class VLM(nn.Module):
 
     def enable_gradient_checkpointing(self):
         """Keep only each layer's input and recompute the rest in the backward pass. Non-reentrant checkpoints
-        give gradients to LoRA adapters and to the image features under a frozen LM, and nest in torch.compile."""
+        give gradients to LoRA adapters and to the image features under a frozen LM, also inside compile_blocks'
+        compiled layers (tests/test_gpu.py)."""
         # The name transformers 5.17 knows too (5.23 renames it activation_checkpointing_enable and warns)
         kw = dict(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lm.gradient_checkpointing_enable(**kw)
