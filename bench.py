@@ -176,7 +176,7 @@ def greedy_without_cache(model, pixel_values, max_new_tokens):
 def generation_speed(model, batch=64, new_tokens=32):
     """Captions/s for one batch of random images, decoding exactly new_tokens (end-of-turn banned), with the KV
     cache (model.generate) and without (greedy_without_cache); the median of 3 runs after a warm-up."""
-    size = model.processor.size["height"]
+    size = model.vision.image_side
     pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=next(model.parameters()).device)
     eot = torch.tensor([model.tokenizer.eos_token_id], device=pixels.device)
     ban = model.lm.get_output_embeddings().register_forward_hook(lambda m, a, out: out.index_fill(-1, eot, -1e4))

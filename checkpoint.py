@@ -20,11 +20,14 @@ from models.config import ConfigError, VLMConfig
 from models.vlm import VLM
 
 WEIGHTS = "trainable.safetensors"
-# Fields a resumed run may change: they do not touch the math of training. Any other change stops the run.
-RESUMABLE_CHANGES = ("cache_dir", "num_workers", "pad_multiple", "max_bad_fraction", "max_bad_steps", "device",
-                     "compile", "log_every", "eval_every", "eval_captions", "save_every", "keep_last", "out_dir", "resume",
+# Fields a resumed run may change: they do not touch the math of training. Any other change stops the run. (A
+# preset only sets other fields, which are compared themselves.)
+RESUMABLE_CHANGES = ("preset", "cache_dir", "num_workers", "pad_multiple", "max_bad_fraction", "max_bad_steps",
+                     "device", "compile", "gradient_checkpointing", "log_every", "eval_every", "eval_captions",
+                     "save_every", "keep_last", "out_dir", "resume",
                      "wandb_project")
-SAME_BACKBONES = ("vision_model", "lm_model", "vision_feature_layer", "pixel_unshuffle", "projector_hidden_dim")
+SAME_BACKBONES = ("vision_model", "fused_vision_model", "lm_model", "vision_feature_layer", "pixel_unshuffle",
+                  "projector_hidden_dim")
 
 
 # ----------------------------------------------------------------------------- finding checkpoints
@@ -108,8 +111,8 @@ def load_model(path):
     """The model a checkpoint (or a run's out_dir) describes: its config's backbones plus its weights."""
     path = resolve(path)
     cfg = VLMConfig.load(path / "config.json")
-    for name in ("vision_model", "lm_model"):  # an exported checkpoint names its backbones relative to itself
-        if (path / getattr(cfg, name)).is_dir():
+    for name in ("vision_model", "fused_vision_model", "lm_model"):  # an exported checkpoint names its backbones relative to itself
+        if getattr(cfg, name) and (path / getattr(cfg, name)).is_dir():
             setattr(cfg, name, str(path / getattr(cfg, name)))
     return load_weights(VLM.from_config(cfg), path)
 

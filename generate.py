@@ -44,15 +44,15 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import SiglipVisionModel  # noqa: E402
+from transformers import AutoImageProcessor  # noqa: E402
 
 import checkpoint  # noqa: E402
 from data.llava import decode_image  # noqa: E402
 from models.config import ConfigError  # noqa: E402
-from models.hub import HubError  # noqa: E402
+from models.hub import HubError, from_hub  # noqa: E402
 from models.lora import strip_lora  # noqa: E402
 from models.prompt import SampleError  # noqa: E402
-from models.vision import image_pixels  # noqa: E402
+from models.vision import image_pixels, tower_class, vision_config  # noqa: E402
 
 
 def load_image(path):
@@ -74,33 +74,44 @@ def caption_files(model, paths, batch_size, **generate_kw):
             except SampleError as e:
                 yield path, None, e
         if images:
-            pixel_values = image_pixels(model.processor, images)  # [B, 3, H, W] uint8
+            pixel_values = image_pixels(model.processor, images, model.cfg.image_fit)  # [B, 3, H, W] uint8
             for path, caption in zip(good, model.generate(pixel_values.to(device), **generate_kw)):
                 yield path, caption, None
 
 
+TOWER_FOLDERS = (("vision_model", "vision"), ("fused_vision_model", "fused_vision"))
+
+
 def export(model, out):
-    """Write `out` as a checkpoint without adapters: lm/ and vision/ are plain transformers folders (named
-    relative to `out` in its config.json, so it can be moved), trainable.safetensors holds the projector.
+    """Write `out` as a checkpoint without adapters: lm/, vision/ (and fused_vision/) are plain transformers
+    folders (named relative to `out` in its config.json, so it can be moved), trainable.safetensors holds the
+    projector.
     The model itself becomes that checkpoint's model: its adapters are merged in place."""
     out = Path(out)
     strip_lora(model.lm)  # merge the adapters into the weights and put the plain nn.Linear back
     strip_lora(model.vision)
     model.lm.save_pretrained(out / "lm")
     model.tokenizer.save_pretrained(out / "lm")
-    # The model holds a cut-down tower (no pooling head; with vision_feature_layer != -1 also fewer layers and
-    # no post-layernorm), whose saved config would not describe it. Save the original tower with the
-    # (merged) weights laid over it instead: reloading cuts it the same way, vision_feature_layer unchanged.
-    vision = SiglipVisionModel.from_pretrained(model.cfg.vision_model)
-    unexpected = vision.load_state_dict(model.vision.state_dict(), strict=False).unexpected_keys
-    if unexpected:
-        raise RuntimeError(f"vision weights that the original tower does not have: {unexpected[:5]}")
-    vision.save_pretrained(out / "vision")
-    model.processor.save_pretrained(out / "vision")
+    folders = {}  # config field -> the folder its tower is saved in
+    for tower, (field, folder) in zip(model.vision.towers, TOWER_FOLDERS):
+        export_tower(getattr(model.cfg, field), tower, out / folder)
+        folders[field] = folder
     # Phase "projector": the projector is the only trainable part left, which is what model.save writes.
-    model.cfg = dataclasses.replace(model.cfg, phase="projector", init_from="", lora_vision=False,
-                                    vision_model="vision", lm_model="lm")
+    model.cfg = dataclasses.replace(model.cfg, phase="projector", init_from="", lora_vision=False, lm_model="lm",
+                                    **folders)
     checkpoint.save_model(model, out)
+
+
+def export_tower(name, tower, out):
+    """The model holds a cut-down tower (no pooling head; with vision_feature_layer != -1 also fewer layers and
+    no final norm), whose saved config would not describe it. Save the original tower with the (merged)
+    weights laid over it instead: reloading cuts it the same way, vision_feature_layer unchanged."""
+    original = from_hub(tower_class(vision_config(name)), name)
+    unexpected = original.load_state_dict(tower.state_dict(), strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"vision weights that the original tower {name} does not have: {unexpected[:5]}")
+    original.save_pretrained(out)
+    from_hub(AutoImageProcessor, name).save_pretrained(out)
 
 
 def main(argv):

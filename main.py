@@ -80,7 +80,7 @@ def build_data(cfg, model, rank, world):
 
     def dataset(indices):
         return LlavaDataset(records, indices, images, model.tokenizer, model.processor,
-                            model.n_image_tokens, cfg.max_text_tokens)
+                            model.n_image_tokens, cfg.max_text_tokens, cfg.image_fit)
 
     loading = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                    pin_memory=torch.cuda.is_available(), collate_fn=Collator(model.tokenizer.pad_token_id, cfg.pad_multiple),

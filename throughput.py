@@ -4,6 +4,7 @@ import time
 import torch
 
 from models.lora import LoRALinear
+from models.vision import encoder_layers
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 
@@ -19,20 +20,20 @@ def flop_counter(model):
     """Returns flops(lengths, n_label_tokens): model FLOPs of one training step (a multiply-add is 2 FLOPs),
     written out so it can be checked. The parameter counts are taken once, here.
 
-    vision (frozen, forward only):      2 * P_v * N  + 4 * L_v * N^2 * D_v          per image
+    vision (frozen, forward only):      2 * P_v * N  + 4 * L_v * N^2 * D_v          per image and tower
     projector (trained; its input       4 * P_gate_up * n_img + 6 * P_down * n_img    per image
         needs no gradient):
     LM (frozen: forward, plus backward  4 * P_lm * T + 12 * L * T^2 * D            per sample of T tokens
         to the activations only):       + 6 * P_lora * T  (adapters get weight gradients too)
     LM head (label positions only):     4 * V * D                                   per label token
     """
-    v, lm = model.vision.config, model.lm.config
-    n_patches = (v.image_size // v.patch_size) ** 2
+    lm, n_patches = model.lm.config, model.vision.n_patches  # class/register tokens left out: a rounding error
     p_vision, _ = matmul_params(model.vision)
+    attention = sum(len(encoder_layers(t)) * t.config.hidden_size for t in model.vision.towers)  # layers as cut
     p_down, _ = matmul_params(model.projector.down)
     p_gate_up = matmul_params(model.projector)[0] - p_down
     p_lm, p_lora = matmul_params(model.lm.base_model)
-    per_image = 2 * p_vision * n_patches + 4 * v.num_hidden_layers * n_patches ** 2 * v.hidden_size \
+    per_image = 2 * p_vision * n_patches + 4 * attention * n_patches ** 2 \
         + (4 * p_gate_up + 6 * p_down) * model.n_image_tokens
     per_token, per_token_pair = 4 * p_lm + 6 * p_lora, 12 * lm.num_hidden_layers * lm.hidden_size
     per_label = 4 * lm.vocab_size * lm.hidden_size

@@ -106,9 +106,10 @@ def decode_image(data):
 
 
 class LlavaDataset(torch.utils.data.Dataset):
-    def __init__(self, records, indices, images, tokenizer, processor, n_image_tokens, max_text_tokens):
+    def __init__(self, records, indices, images, tokenizer, processor, n_image_tokens, max_text_tokens,
+                 image_fit="resize"):
         self.records, self.indices, self.images = records, indices, images
-        self.tokenizer, self.processor = tokenizer, processor
+        self.tokenizer, self.processor, self.image_fit = tokenizer, processor, image_fit
         self.n_image_tokens, self.max_text_tokens = n_image_tokens, max_text_tokens
 
     def __len__(self):
@@ -123,7 +124,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             record_id = str(record.get("id", record_id)).encode("utf-8", "backslashreplace").decode()  # printable
             input_ids, labels = self.encode_text(record.get("conversations"))
             image = decode_image(self.images.read(record["image"]))
-            pixel_values = image_pixels(self.processor, [image])[0]  # [3, H, W] uint8
+            pixel_values = image_pixels(self.processor, [image], self.image_fit)[0]  # [3, H, W] uint8
         except SampleError as e:
             return {"skip": e.reason, "id": record_id}
         return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),

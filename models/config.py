@@ -21,11 +21,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class VLMConfig:
+    # --- preset ---
+    preset: str = "tinyvlm"  # a reference recipe (PRESETS, models/config.py) setting several fields; flags override it
+
     # --- backbones (hub ids or local directories) ---
-    vision_model: str = "google/siglip-base-patch16-224"
+    vision_model: str = "google/siglip-base-patch16-224"  # any transformers vision tower: SigLIP, CLIP, DINOv2
+    fused_vision_model: str = ""  # a second tower, its features joined channel-wise (Prismatic); "" = none
     lm_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     vision_feature_layer: int = -1  # -1: final (post-layernorm) output; -2: penultimate layer, as in LLaVA
     pixel_unshuffle: int = 2  # merge s x s neighbouring patches: 196 -> 49 image tokens at s=2; 1 = off
+    image_fit: str = "resize"  # resize (as the tower's processor does) | letterbox (pad to a square first)
     projector_hidden_dim: int = 2048
     max_text_tokens: int = 128  # text tokens per sample; image tokens come on top and are never truncated
 
@@ -65,6 +70,7 @@ class VLMConfig:
     # --- system ---
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = True  # torch.compile on CUDA (not on the CPU); its cache: TORCHINDUCTOR_CACHE_DIR
+    gradient_checkpointing: bool = False  # lora phase: recompute layer activations in backward (less memory)
     # --- logging, evaluation, checkpoints ---
     log_every: int = 10
     eval_every: int = 500
@@ -101,6 +107,10 @@ class VLMConfig:
             raise ConfigError("config fields weight_decay, grad_clip, max_steps and val_size must be >= 0")
         if self.num_workers < 0:
             bad("num_workers", "must be >= 0")
+        if self.preset not in PRESETS:
+            bad("preset", f"must be one of {', '.join(PRESETS)}")
+        if self.image_fit not in ("resize", "letterbox"):
+            bad("image_fit", "must be 'resize' or 'letterbox'")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "must be 'auto', 'cpu' or 'cuda'")
         if self.data_dir and not Path(self.data_dir).expanduser().is_dir():
@@ -108,7 +118,7 @@ class VLMConfig:
                 "or leave it empty to download the data set")
         return self
 
-    # --- JSON: a checkpoint carries the config that trained it ---
+    # --- JSON: a checkpoint carries the config that trained it (the fields a preset set included) ---
     def to_dict(self):
         return dataclasses.asdict(self)
 
@@ -127,6 +137,30 @@ class VLMConfig:
     @classmethod
     def load(cls, path):
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# The reference recipes (README, "Beyond SigLIP + SmolLM2"), each a starting point that sets a few fields. Phase 1
+# trains the projector at projector_lr, phase 2 LoRA at lora_lr; gradient checkpointing and a small per-device
+# batch let the 3-4B LMs train on one 80 GB GPU (global batch 128, as LLaVA fine-tunes).
+PHI3_MINI = dict(lm_model="microsoft/Phi-3-mini-4k-instruct",
+                 lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))  # Phi-3 fuses q/k/v, gate/up
+BIG_LM = dict(lora_lr=2e-4, gradient_checkpointing=True, batch_size=16, grad_accum=8)
+PRESETS = {
+    "tinyvlm": {},  # the defaults above: SigLIP-B/16-224 + SmolLM2-135M
+    # PhiClipMLLM / LLaVA-1.5: CLIP ViT-L/14-336 (24x24 patches, penultimate layer) + Phi-3-mini, LoRA on both
+    "phiclip": dict(vision_model="openai/clip-vit-large-patch14-336", vision_feature_layer=-2, pixel_unshuffle=2,
+                    lora_vision=True, **PHI3_MINI, **BIG_LM),
+    # Prismatic SigLIP-Phi2: SigLIP-so400m/14-384 (27x27 patches) + Phi-2, letterboxed images
+    "prismatic-siglip-phi2": dict(vision_model="google/siglip-so400m-patch14-384", vision_feature_layer=-2,
+                                  pixel_unshuffle=3, image_fit="letterbox", lm_model="microsoft/phi-2",
+                                  lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"), **BIG_LM),
+    # Prismatic's fused DINOv2 + SigLIP at 224 px (16x16 patches each) + Phi-3-mini. SigLIP comes first because its
+    # processor makes the pixels: a plain resize to 224, where DINOv2's would resize to 256 and crop.
+    "prismatic-dinosiglip-phi3": dict(vision_model="google/siglip-so400m-patch14-224",
+                                      fused_vision_model="facebook/dinov2-with-registers-large",
+                                      vision_feature_layer=-2, pixel_unshuffle=2, image_fit="letterbox",
+                                      **PHI3_MINI, **BIG_LM),
+}
 
 
 # --- command line: one flag per field, generated from the dataclass (no torch import: --help is instant) ---
@@ -170,6 +204,8 @@ def build_parser(base, prog=None, description=None):
                   f"{','.join(default) if f.type is tuple else default!r})".lstrip())
         if f.type is bool:  # `--compile` alone means true
             kw.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+        elif f.name == "preset":
+            kw.update(choices=list(PRESETS))
         elif f.type is tuple:
             kw.update(type=lambda text: tuple(s for s in text.split(",") if s), metavar="A,B,...")
         else:
@@ -181,12 +217,21 @@ def build_parser(base, prog=None, description=None):
 def parse_overrides(argv, cfg=None, prog=None, description=None):
     """Apply `--field value` / `--field=value` flags to a config (VLMConfig() by default). `--out-dir` spells
     `--out_dir`; an unknown flag names the closest fields; `-h`/`--help` lists them all and exits."""
-    cfg = cfg or VLMConfig()
+    cfg = with_preset(argv, cfg or VLMConfig())
     parser = build_parser(cfg, prog, description)
     given, unknown = parser.parse_known_args([_underscored(a) for a in argv])
     if unknown:
         raise ConfigError(_unknown_message(unknown[0]))
     return dataclasses.replace(cfg, **vars(given))
+
+
+def with_preset(argv, cfg):
+    """`cfg` with the fields of the preset that argv names (if any) laid over it. Read before the other flags, so
+    they override it wherever they stand, and --help shows the preset's values as the defaults."""
+    first = _Parser(add_help=False, allow_abbrev=False)
+    first.add_argument("--preset", choices=list(PRESETS))
+    name = first.parse_known_args([_underscored(a) for a in argv])[0].preset
+    return dataclasses.replace(cfg, preset=name, **PRESETS[name]) if name else cfg
 
 
 def parse_or_exit(argv, base=None, prog=None, description=None):

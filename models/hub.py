@@ -44,7 +44,7 @@ def unreachable(name, why):
 def check_reachable(cfg):
     """Cheap (no torch): each backbone is a local directory, in the cache, or the hub answers. A script calls it
     before its slow imports, so an offline run without local copies fails in a second, not after ten."""
-    for name in (cfg.vision_model, cfg.lm_model):
+    for name in filter(None, (cfg.vision_model, cfg.fused_vision_model, cfg.lm_model)):
         if not os.path.isdir(name) and not in_cache(name) and not hub_reachable():
             raise unreachable(name, NO_HUB)
     return cfg

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, SiglipVisionConfig, SiglipVisionModel
+from transformers import (CLIPVisionConfig, Dinov2Config, Dinov2WithRegistersConfig, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast, SiglipVisionConfig)
+from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from models.vision import tower_class
 
 # SmolLM2-Instruct's ChatML template, default system prompt included, so the demo formats like the real LM.
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -50,15 +55,40 @@ SIZES = {
 }
 
 
-def build_backbones(out_dir, corpus, size="tiny", seed=0):
-    """Write out_dir/vision (SigLIP + its image processor) and out_dir/lm (Llama + tokenizer), random weights."""
+# Vision tower shapes by size: the towers of SIZES, and CLIP ViT-L/14-336 (LLaVA-1.5's, 24x24 patches).
+VISION_SIZES = {**{size: vision_kw for size, (vision_kw, _) in SIZES.items()},
+                "clip-l-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                   num_attention_heads=16, image_size=336, patch_size=14)}
+
+
+def image_processor(family, side):
+    """The processor each family ships (the PIL versions: no torchvision needed). SigLIP resizes to a square;
+    CLIP and DINOv2 resize the short side a little larger, then crop the centre (DINOv2: 256, then 224)."""
+    if family == "siglip":
+        return SiglipImageProcessorPil(size={"height": side, "width": side})
+    crop = dict(size={"shortest_edge": side * 8 // 7}, crop_size={"height": side, "width": side}, do_center_crop=True)
+    return CLIPImageProcessorPil(**crop) if family == "clip" else BitImageProcessorPil(**crop)
+
+
+VISION_FAMILIES = {"siglip": SiglipVisionConfig, "clip": CLIPVisionConfig, "dinov2": Dinov2Config,
+                   "dinov2-with-registers": Dinov2WithRegistersConfig}
+
+
+def build_vision(out_dir, family="siglip", size="tiny"):
+    """Write a random vision tower of `family` (a VISION_FAMILIES key) and its image processor to out_dir."""
+    config = VISION_FAMILIES[family](**VISION_SIZES[size])  # DINOv2 sizes its MLP by mlp_ratio, not intermediate_size
+    tower_class(config)(config).save_pretrained(out_dir)
+    image_processor(family, config.image_size).save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def build_backbones(out_dir, corpus, size="tiny", seed=0, vision_family="siglip"):
+    """Write out_dir/vision (a tower of vision_family + its image processor) and out_dir/lm (Llama + tokenizer),
+    random weights."""
     out_dir = Path(out_dir)
-    vision_kw, lm_kw = SIZES[size]
+    _, lm_kw = SIZES[size]
     torch.manual_seed(seed)
-    vision_config = SiglipVisionConfig(**vision_kw)
-    SiglipVisionModel(vision_config).save_pretrained(out_dir / "vision")
-    side = vision_config.image_size
-    SiglipImageProcessorPil(size={"height": side, "width": side}).save_pretrained(out_dir / "vision")
+    build_vision(out_dir / "vision", vision_family, size)
     tokenizer = build_tokenizer(corpus)
     lm = LlamaForCausalLM(LlamaConfig(**{"vocab_size": len(tokenizer), **lm_kw}, tie_word_embeddings=True,
                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))

@@ -1,18 +1,18 @@
-"""The joined model: SigLIP (frozen) -> SwiGLU projector -> causal LM (frozen, or LoRA in phase 2)."""
+"""The joined model: vision tower(s) (frozen) -> SwiGLU projector -> causal LM (frozen, or LoRA in phase 2)."""
 import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from models.config import ConfigError, VLMConfig
 from models.hub import from_hub
 from models.lora import apply_lora, linear_names
 from models.projector import Projector
 from models.prompt import DEFAULT_PROMPT, add_image_token, encode_prompt, label_positions
-from models.vision import load_vision, n_image_tokens, pixel_normalization, vision_config
+from models.vision import encoder_layers, load_vision, n_image_tokens, tower_class, tower_names, vision_config
 
 
 def _check_targets(field, targets, model):
@@ -24,14 +24,16 @@ def _check_targets(field, targets, model):
 
 def check_shapes(cfg: VLMConfig):
     """The config checks that need the backbones' shapes but not their weights, so they fail before anything
-    loads: the unshuffle factor against the patch grid, the feature layer against the tower's depth, and
+    loads: the unshuffle factor against the patch grid, the feature layer against each tower's depth, and
     the LoRA targets against weightless (meta) models."""
     n_image_tokens(cfg)
-    depth = vision_config(cfg.vision_model).num_hidden_layers
-    if not -depth <= cfg.vision_feature_layer <= depth or cfg.vision_feature_layer == 0:
-        raise ConfigError(f"config field 'vision_feature_layer' = {cfg.vision_feature_layer}: {cfg.vision_model} "
-                          f"has {depth} layers; use -1 (final output), -2 (penultimate), ... down to {-depth}, "
-                          f"or 1 to {depth} counted from the input")
+    vision_configs = [vision_config(name) for name in tower_names(cfg)]
+    for name, c in zip(tower_names(cfg), vision_configs):
+        depth = c.num_hidden_layers
+        if not -depth <= cfg.vision_feature_layer <= depth or cfg.vision_feature_layer == 0:
+            raise ConfigError(f"config field 'vision_feature_layer' = {cfg.vision_feature_layer}: {name} has {depth} "
+                              f"layers; use -1 (final output), -2 (penultimate), ... down to {-depth}, or 1 to "
+                              f"{depth} counted from the input")
     if cfg.phase != "lora":
         return
     with torch.device("meta"):
@@ -39,7 +41,7 @@ def check_shapes(cfg: VLMConfig):
                        AutoModelForCausalLM.from_config(from_hub(AutoConfig, cfg.lm_model)))
         if cfg.lora_vision:
             _check_targets("lora_vision_targets", cfg.lora_vision_targets,
-                           SiglipVisionModel(vision_config(cfg.vision_model)))
+                           nn.ModuleList(tower_class(c)(c) for c in vision_configs))
 
 
 @dataclass
@@ -54,21 +56,19 @@ class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig, vision, processor, lm, tokenizer):
         super().__init__()
         self.cfg = cfg
-        self.vision = vision  # cut at cfg.vision_feature_layer (models.vision.truncate)
+        self.vision = vision  # models.vision.VisionTowers: uint8 pixels -> patch features, cut at the feature layer
         self.lm = lm
         self.processor, self.tokenizer = processor, tokenizer
         self.image_token_id = add_image_token(tokenizer)  # never embedded: its positions get image features
         if tokenizer.pad_token is None:  # e.g. a GGUF conversion; padded positions are masked out of attention
             tokenizer.pad_token = tokenizer.eos_token  # and labels anyway, so any id will do
         self.n_image_tokens = n_image_tokens(cfg)
-        vcfg = getattr(vision.config, "vision_config", vision.config)
-        self.projector = Projector(vcfg.hidden_size, lm.config.hidden_size, cfg.projector_hidden_dim,
+        self.projector = Projector(vision.hidden_size, lm.config.hidden_size, cfg.projector_hidden_dim,
                                    cfg.pixel_unshuffle)
-        scale, shift = pixel_normalization(processor)
-        self.register_buffer("pixel_scale", scale, persistent=False)  # [3, 1, 1]
-        self.register_buffer("pixel_shift", shift, persistent=False)
         self.vision.requires_grad_(False)
         self.lm.requires_grad_(False)
+        if cfg.gradient_checkpointing:  # transformers checkpoints layers in training mode only: the lora phase
+            self.enable_gradient_checkpointing()
         if cfg.phase == "lora":
             apply_lora(self.lm, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
             if cfg.lora_vision:
@@ -97,6 +97,17 @@ class VLM(nn.Module):
                 p.data = p.data.to(dtype)
         return self
 
+    def enable_gradient_checkpointing(self):
+        """Keep only each layer's input and recompute the rest in the backward pass. Non-reentrant checkpoints
+        give gradients to LoRA adapters and to the image features under a frozen LM, also inside compile_blocks'
+        compiled layers (tests/test_gpu.py)."""
+        # The name transformers 5.17 knows too (5.23 renames it activation_checkpointing_enable and warns)
+        kw = dict(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lm.gradient_checkpointing_enable(**kw)
+        if self.cfg.lora_vision:  # a frozen tower runs under no_grad: there is nothing to recompute
+            for tower in self.vision.towers:
+                tower.gradient_checkpointing_enable(**kw)
+
     def compile_blocks(self, n_lengths, cuda_graphs=True):
         """torch.compile each transformer layer, not the whole model: the layers of a tower share one compiled
         graph, so a cold start compiles a handful of small graphs instead of one huge one. Shapes are static
@@ -109,21 +120,14 @@ class VLM(nn.Module):
         fall back to eager, so the limit is raised to cover them all."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * n_lengths)
         mode = "reduce-overhead" if cuda_graphs else "default"
-        tower = getattr(self.vision, "vision_model", self.vision)
-        for block in [*self.lm.base_model.layers, *tower.encoder.layers, self.projector]:
+        vision_layers = [layer for tower in self.vision.towers for layer in encoder_layers(tower)]
+        for block in [*self.lm.base_model.layers, *vision_layers, self.projector]:
             block.compile(dynamic=False, mode=mode)
 
     # --- forward ---
-    def normalize(self, pixel_values):                         # [B, 3, H, W] uint8 -> float32
-        """Rescale and normalise on the device, as the checkpoint's image processor would."""
-        if pixel_values.dtype != torch.uint8:
-            raise TypeError(f"pixel_values must be uint8 images from models.vision.image_pixels, got {pixel_values.dtype}")
-        return pixel_values.float() * self.pixel_scale - self.pixel_shift
-
     def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8
-        pixels = self.normalize(pixel_values).to(self.vision.dtype)
         with torch.set_grad_enabled(self.cfg.lora_vision and torch.is_grad_enabled()):
-            feats = self.vision(pixel_values=pixels).last_hidden_state  # [B, N, Dv]
+            feats = self.vision(pixel_values)                   # [B, N, Dv]
         return self.projector(feats)                            # [B, n_image_tokens, D]
 
     def embed(self, input_ids, pixel_values):
