@@ -35,13 +35,14 @@ class VLMConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    lora_vision: bool = False  # also put adapters on the vision encoder's attention/MLP layers
-    lora_vision_targets: tuple = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    lora_targets: tuple = ()  # the LM's linear layers to adapt, by name (e.g. q_proj,v_proj); empty: all but the head
+    lora_vision: bool = False  # also put adapters on the vision encoder's linear layers
+    lora_vision_targets: tuple = ()  # the vision encoder's linear layers to adapt, by name; empty: all of them
 
     # --- data ---
     dataset: str = "liuhaotian/LLaVA-CC3M-Pretrain-595K"  # hub data set, downloaded when data_dir is empty
     data_dir: str = ""  # folder with chat.json and images.zip (or an images/ folder); "" = cache_dir/<dataset>
+    chat_json: str = ""  # a LLaVA json (e.g. llava_v1_5_mix665k.json) to use instead of data_dir/chat.json
     cache_dir: str = "~/.cache/tinyvlm"
     val_size: int = 1000  # held-out records (chosen by seed, not by position)
     num_workers: int = 8
@@ -102,6 +103,9 @@ class VLMConfig:
             bad("num_workers", "must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "must be 'auto', 'cpu' or 'cuda'")
+        if self.chat_json and not (self.data_dir and Path(self.chat_json).expanduser().is_file()):
+            bad("chat_json", "must name an existing json file, and needs --data_dir: the folder its image paths "
+                "are relative to (e.g. --chat_json llava_v1_5_mix665k.json --data_dir playground/data)")
         if self.data_dir and not Path(self.data_dir).expanduser().is_dir():
             bad("data_dir", "does not exist; point it at a folder holding chat.json and images.zip, "
                 "or leave it empty to download the data set")
