@@ -120,11 +120,17 @@ class VLM(nn.Module):
             raise TypeError(f"pixel_values must be uint8 images from models.vision.image_pixels, got {pixel_values.dtype}")
         return pixel_values.float() * self.pixel_scale - self.pixel_shift
 
-    def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8
+    def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8, B may be 0
+        n = len(pixel_values)
+        # A batch of text-only samples has no image, yet the tower and projector still run (on one blank image,
+        # dropped at the end: the tower's reshapes need a batch), so every trainable weight gets a (zero)
+        # gradient, as DDP needs.
+        if n == 0:
+            pixel_values = pixel_values.new_zeros(1, *pixel_values.shape[1:])
         pixels = self.normalize(pixel_values).to(self.vision.dtype)
         with torch.set_grad_enabled(self.cfg.lora_vision and torch.is_grad_enabled()):
             feats = self.vision(pixel_values=pixels).last_hidden_state  # [B, N, Dv]
-        return self.projector(feats)                            # [B, n_image_tokens, D]
+        return self.projector(feats)[:n]                        # [B, n_image_tokens, D]
 
     def embed(self, input_ids, pixel_values):
         """pixel_values [B_img, 3, H, W] are the images of the rows that hold image positions, in row order
