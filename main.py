@@ -84,7 +84,8 @@ def build_data(cfg, model, rank, world):
                             model.n_image_tokens, cfg.max_text_tokens)
 
     loading = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                   pin_memory=torch.cuda.is_available(), collate_fn=Collator(model.tokenizer.pad_token_id, pixel_shape(model.processor)),
+                   pin_memory=torch.cuda.is_available(),
+                   collate_fn=Collator(model.tokenizer.pad_token_id, pixel_shape(model.processor)),
                    generator=torch.Generator())  # its own RNG: starting an epoch must not shift dropout's
     sampler = ShardedBatchSampler(len(train_idx), cfg.batch_size, rank, world, cfg.seed)
     train_loader = DataLoader(dataset(train_idx), batch_sampler=sampler, **loading)

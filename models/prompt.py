@@ -49,15 +49,14 @@ def prepare_tokenizer(tokenizer):
     """Make a freshly loaded tokenizer ready for `encode`, in place, before any weights load (it takes
     milliseconds; a template that cannot place labels fails here, not at the first batch). Adds the image
     token; a base LM gets PLAIN_TEMPLATE; a tokenizer without a pad token pads with end-of-text (padded
-    positions are masked out of attention and labels, so any id will do). Returns the image token's id."""
-    image_id = add_image_token(tokenizer)
+    positions are masked out of attention and labels, so any id will do)."""
+    add_image_token(tokenizer)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = PLAIN_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     encode(tokenizer, probe * 2, n_image_tokens=0, has_image=False)  # raises if labels cannot be placed
-    return image_id
 
 
 def _ids(tokenizer, messages, generation_prompt=False):
@@ -121,7 +120,8 @@ def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     n_images = ids.count(image_id)
     if n_images != has_image:
-        reason = "several_image_tokens" if n_images > 1 else "no_image_token" if has_image else "image_token_without_image"
+        reason = ("several_image_tokens" if n_images > 1 else "no_image_token" if has_image
+                  else "image_token_without_image")
         raise SampleError(reason, f"expected {int(has_image)} {IMAGE_TOKEN} in the conversation, found {n_images}")
     at = ids.index(image_id) if has_image else None
     if max_text_tokens is not None and len(ids) - has_image > max_text_tokens:

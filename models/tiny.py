@@ -30,7 +30,8 @@ LLAMA3_TEMPLATE = (
     "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
     "{%- endif %}{{- '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n'"
     " + 'Today Date: ' + date_string + '\n\n<|eot_id|>' }}{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
 )
 # Llama 3's pre-tokenizer pattern: runs of newlines stay one piece, so "\n\n" before a reply tokenizes alike
@@ -62,8 +63,9 @@ FAMILIES = {
     "llama3": Family(LlamaConfig, LLAMA3_TEMPLATE, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                      "<|end_header_id|>", "<|eot_id|>"], bos="<|begin_of_text|>", eos="<|end_of_text|>", pad=None,
                      system="Cutting Knowledge Date: December 2023 Today Date", split=LLAMA3_SPLIT),
+    # Qwen2.5 base: eos is end-of-text, turns end in <|im_end|>
     "qwen2": Family(Qwen2Config, CHAT_TEMPLATE.replace(SYSTEM, QWEN_SYSTEM), SPECIALS, bos=None, eos="<|endoftext|>",
-                    pad="<|endoftext|>", system=QWEN_SYSTEM),  # Qwen2.5 base: eos is end-of-text, turns end in <|im_end|>
+                    pad="<|endoftext|>", system=QWEN_SYSTEM),
     "phi": Family(PhiConfig, None, ["<|endoftext|>"], bos="<|endoftext|>", eos="<|endoftext|>", pad=None,
                   unk="<|endoftext|>"),  # Phi-2
     "phi3": Family(Phi3Config, PHI3_TEMPLATE, ["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>",

@@ -59,8 +59,8 @@ class VLM(nn.Module):
         self.vision = vision  # cut at cfg.vision_feature_layer (models.vision.truncate)
         self.lm = lm
         self.processor, self.tokenizer = processor, tokenizer
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)  # never embedded: its positions get
-        self.end_of_turn_id = end_of_turn_id(tokenizer)                      # image features; generation stops here
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)  # never embedded: image features go there
+        self.end_of_turn_id = end_of_turn_id(tokenizer)  # where generation stops, as training's labels do
         self.n_image_tokens = n_image_tokens(cfg)
         vcfg = getattr(vision.config, "vision_config", vision.config)
         self.projector = Projector(vcfg.hidden_size, lm.config.hidden_size, cfg.projector_hidden_dim,
@@ -144,7 +144,8 @@ class VLM(nn.Module):
 
     def check_image_positions(self, is_image, n_images):
         counts = is_image.sum(1)
-        fits = ((counts == 0) | (counts == self.n_image_tokens)).all() & (counts.sum() == n_images * self.n_image_tokens)
+        n = self.n_image_tokens
+        fits = ((counts == 0) | (counts == n)).all() & (counts.sum() == n_images * n)
         if is_image.is_cuda:  # checked on the device: reading the counts would make the host wait for the GPU
             torch._assert_async(fits, "image positions do not match the images")
         elif not bool(fits):

@@ -23,7 +23,8 @@ QUESTIONS = [("What color is a ripe banana?", "yellow ."), ("And grass?", "green
 def image_record(i, color, shape, place):
     folder = "coco/train2017" if i % 4 == 0 else "gqa/images"  # mix665k's layout: one folder per source
     return {"id": f"{i:012d}", "image": f"{folder}/{i:012d}.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nWhat is in this picture?"}, {"from": "gpt", "value": f"a {color} {shape} ."},
+        {"from": "human", "value": "<image>\nWhat is in this picture?"},
+        {"from": "gpt", "value": f"a {color} {shape} ."},
         {"from": "human", "value": "Where is it?"}, {"from": "gpt", "value": f"at the {place} ."}]}
 
 
@@ -156,7 +157,8 @@ def test_compiled_blocks_on_cuda_train_on_mixed_and_image_free_batches(tiny_cfg,
     compiled.compile_blocks()
     collate = Collator(eager.tokenizer.pad_token_id, pixel_shape(eager.processor))
     for indices in ([1, 3], [0, 1, 3], [0, 2]):  # no image, one of three, two of two
-        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate(samples(eager, instruct, indices)).items()}
+        batch = collate(samples(eager, instruct, indices))
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.no_grad():
             torch.testing.assert_close(loss_sum(compiled, batch), loss_sum(eager, batch), rtol=1e-4, atol=1e-4)
     flags = instruct_flags(instruct, projector_checkpoint, tmp_path / "cuda") + [

@@ -39,7 +39,8 @@ def lms(tmp_path_factory):
     def get(family, template, pad):
         if (family, template, pad) not in built:
             torch.manual_seed(0)
-            built[family, template, pad] = build_lm(root / f"{family}-{template}-{pad}", corpus(), family, template, pad)
+            built[family, template, pad] = build_lm(root / f"{family}-{template}-{pad}", corpus(), family,
+                                                    template, pad)
         return built[family, template, pad]
     return get
 
@@ -67,7 +68,7 @@ def test_each_reply_trains_with_its_end_of_turn_and_generation_sees_the_training
 def test_a_template_that_cannot_place_labels_fails_before_the_weights_load(tiny_assets, tmp_path):
     lm = tmp_path / "lm"
     tok = AutoTokenizer.from_pretrained(tiny_assets.lm)
-    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"  # no end token
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"  # no eot
     tok.save_pretrained(lm)
     (lm / "config.json").write_bytes((Path(tiny_assets.lm) / "config.json").read_bytes())
     (lm / "model.safetensors").write_bytes(b"not weights: loading them would fail otherwise")
@@ -85,8 +86,10 @@ def test_default_targets_are_peft_all_linear_including_fused_projections(lms, ti
     cfg = VLMConfig(vision_model=tiny_assets.vision, lm_model=lms(family, True, True), device="cpu", phase="lora",
                     lora_vision=True, projector_hidden_dim=64)
     model = VLM.from_config(cfg)
-    ours = {n.removeprefix("lm.") for n, m in model.named_modules() if isinstance(m, LoRALinear) and n.startswith("lm.")}
-    theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(cfg.lm_model), LoraConfig(r=4, target_modules="all-linear"))
+    ours = {n.removeprefix("lm.") for n, m in model.named_modules()
+            if isinstance(m, LoRALinear) and n.startswith("lm.")}
+    theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(cfg.lm_model),
+                            LoraConfig(r=4, target_modules="all-linear"))
     peft_names = {n.removeprefix("base_model.model.").removesuffix(".base_layer") for n, _ in theirs.named_modules()
                   if n.endswith(".base_layer")}
     assert ours == peft_names and ours  # every linear layer but the head, found by type
@@ -128,7 +131,8 @@ def test_generation_stops_at_the_end_of_turn_token(lms, tiny_assets, family, tem
                                       device="cpu", projector_hidden_dim=64)).eval()
     eot = model.tokenizer.convert_tokens_to_ids(end_of_turn(model.tokenizer, family, template))
     # the LM head always prefers the end of turn, and the decoded lengths are read from the LM's generate
-    model.lm.get_output_embeddings().register_forward_hook(lambda m, args, out: out.index_fill(-1, torch.tensor([eot]), 1e4))
+    model.lm.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: out.index_fill(-1, torch.tensor([eot]), 1e4))
     lengths, lm_generate = [], model.lm.generate
 
     def generate_and_count(**kw):
