@@ -125,6 +125,13 @@ def instruct_flags(instruct, checkpoint, out_dir):
             "--max_steps", "4", "--val_size", "4", "--lora_vision", "true"]
 
 
+@pytest.mark.parametrize("flags", [["--chat_json", "missing.json", "--data_dir", "."], ["--chat_json", str(REPO / "README.md")]],
+                         ids=["missing_file", "no_data_dir"])
+def test_a_bad_chat_json_is_refused_before_anything_loads(flags):
+    with pytest.raises(SystemExit, match="config field 'chat_json'.*--data_dir"):
+        main.main(flags)
+
+
 def test_the_phase_2_command_trains_on_an_instruction_file(tiny_cfg, instruct, projector_checkpoint, tmp_path):
     fixed = ["--vision_model", tiny_cfg.vision_model, "--lm_model", tiny_cfg.lm_model, "--device", "cpu",
              "--projector_hidden_dim", "64", "--num_workers", "1", "--eval_captions", "2", "--log_every", "1"]
