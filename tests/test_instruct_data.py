@@ -125,8 +125,8 @@ def instruct_flags(instruct, checkpoint, out_dir):
             "--max_steps", "4", "--val_size", "4", "--lora_vision", "true"]
 
 
-@pytest.mark.parametrize("flags", [["--chat_json", "missing.json", "--data_dir", "."], ["--chat_json", str(REPO / "README.md")]],
-                         ids=["missing_file", "no_data_dir"])
+@pytest.mark.parametrize("flags", [["--chat_json", "missing.json", "--data_dir", "."],
+                                   ["--chat_json", str(REPO / "README.md")]], ids=["missing_file", "no_data_dir"])
 def test_a_bad_chat_json_is_refused_before_anything_loads(flags):
     with pytest.raises(SystemExit, match="config field 'chat_json'.*--data_dir"):
         main.main(flags)
