@@ -22,6 +22,7 @@ import signal  # noqa: E402
 import time  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 from datetime import timedelta  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -33,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 import checkpoint  # noqa: E402
 from data.download import DataError, ensure_dataset  # noqa: E402
 from data.llava import (Collator, ImageStore, LlavaDataset, ShardedBatchSampler, SkipTally,  # noqa: E402
-                        filler_batch, load_records, split_indices, steps_of_micro_batches)
+                        filler_batch, load_records, pixel_shape, split_indices, steps_of_micro_batches)
 from models.vlm import VLM, check_shapes  # noqa: E402
 from report import Reporter, sample_captions, step_line  # noqa: E402
 from throughput import Meter  # noqa: E402
@@ -74,7 +75,7 @@ def build_model(cfg, device, resuming):
 def build_data(cfg, model, rank, world):
     """This rank's training batches (a sampler that can start at any step), and the validation split."""
     root = ensure_dataset(cfg)
-    records = load_records(root / "chat.json")
+    records = load_records(Path(cfg.chat_json).expanduser() if cfg.chat_json else root / "chat.json")
     train_idx, val_idx = split_indices(len(records), cfg.val_size, cfg.seed)
     images = ImageStore(root)
 
@@ -83,7 +84,8 @@ def build_data(cfg, model, rank, world):
                             model.n_image_tokens, cfg.max_text_tokens, cfg.image_fit)
 
     loading = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                   pin_memory=torch.cuda.is_available(), collate_fn=Collator(model.tokenizer.pad_token_id, cfg.pad_multiple),
+                   pin_memory=torch.cuda.is_available(),
+                   collate_fn=Collator(model.tokenizer.pad_token_id, pixel_shape(model.processor), cfg.pad_multiple),
                    generator=torch.Generator())  # its own RNG: starting an epoch must not shift dropout's
     sampler = ShardedBatchSampler(len(train_idx), cfg.batch_size, rank, world, cfg.seed)
     train_loader = DataLoader(dataset(train_idx), batch_sampler=sampler, **loading)

@@ -22,8 +22,9 @@ def step_line(step, total, lr, loss, s, skipped):
 
 
 def sample_captions(model, dataset, n, device, batch_size=64):
-    """(id, caption, reference) for the first n (fixed) usable records of a dataset, captioned in batches."""
-    items = [item for item in (dataset[i] for i in range(min(n, len(dataset)))) if "skip" not in item]
+    """(id, caption, reference) for the usable image records among the first n (fixed) of a dataset, captioned
+    in batches."""
+    items = [item for item in (dataset[i] for i in range(min(n, len(dataset)))) if "pixel_values" in item]
     rows = []
     for chunk in (items[i:i + batch_size] for i in range(0, len(items), batch_size)):
         captions = model.generate(torch.stack([item["pixel_values"] for item in chunk]).to(device))

@@ -17,7 +17,7 @@ def matmul_params(module):
 
 
 def flop_counter(model):
-    """Returns flops(lengths, n_label_tokens): model FLOPs of one training step (a multiply-add is 2 FLOPs),
+    """Returns flops(lengths, n_label_tokens, n_images): model FLOPs of one training step (a multiply-add is 2 FLOPs),
     written out so it can be checked. The parameter counts are taken once, here.
 
     vision (frozen, forward only):      2 * P_v * N  + 4 * L_v * N^2 * D_v          per image and tower
@@ -38,8 +38,9 @@ def flop_counter(model):
     per_token, per_token_pair = 4 * p_lm + 6 * p_lora, 12 * lm.num_hidden_layers * lm.hidden_size
     per_label = 4 * lm.vocab_size * lm.hidden_size
 
-    def flops(lengths, n_label_tokens):
-        return sum(per_image + per_token * T + per_token_pair * T * T for T in lengths) + per_label * n_label_tokens
+    def flops(lengths, n_label_tokens, n_images):  # text-only samples have no image
+        return sum(per_token * T + per_token_pair * T * T for T in lengths) + per_image * n_images \
+            + per_label * n_label_tokens
     return flops
 
 
@@ -65,7 +66,8 @@ class Meter:
         """One optimizer step over `batches` (its micro-batches, as the collator made them)."""
         lengths = [n for b in batches for n in b["attention_mask"].sum(1).tolist()]  # unpadded
         self.steps, self.samples, self.tokens = self.steps + 1, self.samples + len(lengths), self.tokens + sum(lengths)
-        self.flops += self.flops_of(lengths, sum(b["n_label_tokens"] for b in batches))
+        n_images = sum(len(b["pixel_values"]) for b in batches if b["pixel_values"] is not None)
+        self.flops += self.flops_of(lengths, sum(b["n_label_tokens"] for b in batches), n_images)
         self.data_wait += data_wait
 
     def read(self):

@@ -16,10 +16,12 @@ def is_complete(root):
 
 
 def ensure_dataset(cfg):
-    """Return the folder holding chat.json and the images, downloading into the cache if needed."""
+    """Return the folder holding chat.json and the images, downloading into the cache if needed. With
+    cfg.chat_json (an instruction file such as llava_v1_5_mix665k.json), data_dir is the folder its image
+    paths are relative to (coco/train2017/000000033471.jpg, gqa/images/..., ...)."""
     if cfg.data_dir:
         root = Path(cfg.data_dir).expanduser()
-        if not is_complete(root):
+        if not cfg.chat_json and not is_complete(root):
             raise DataError(f"data_dir {root} must hold chat.json and images.zip (or an images/ folder)")
         return root
     root = Path(cfg.cache_dir).expanduser() / cfg.dataset.replace("/", "--")

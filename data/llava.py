@@ -1,4 +1,7 @@
-"""LLaVA-format captioning data: chat.json records, images from a folder or straight out of images.zip.
+"""LLaVA-format data: chat.json records, images from a folder or straight out of images.zip.
+
+A record without an "image" key (LLaVA-Instruct's mix665k has 40k) is a text-only conversation: it
+trains the LM alone, and a batch may mix such samples with image samples.
 
 Everything slow (JSON parsing, tokenizing, JPEG decoding, resizing) happens in __getitem__, i.e. in
 DataLoader worker processes. A record that cannot be used comes back as {"skip": reason} and is
@@ -119,34 +122,44 @@ class LlavaDataset(torch.utils.data.Dataset):
         record_id = f"record #{self.indices[i]}"
         try:
             record = json.loads(self.records[self.indices[i]]["record"])
-            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-                raise SampleError("malformed_record", "needs an 'image' file name and 'conversations'")
+            if not isinstance(record, dict) or not isinstance(record.get("image", ""), str):
+                raise SampleError("malformed_record", "needs 'conversations' and, if any, an 'image' file name")
             record_id = str(record.get("id", record_id)).encode("utf-8", "backslashreplace").decode()  # printable
-            input_ids, labels = self.encode_text(record.get("conversations"))
-            image = decode_image(self.images.read(record["image"]))
-            pixel_values = image_pixels(self.processor, [image], self.image_fit)[0]  # [3, H, W] uint8
+            input_ids, labels = self.encode_text(record.get("conversations"), has_image="image" in record)
+            sample = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "id": record_id}
+            if "image" in record:
+                image = decode_image(self.images.read(record["image"]))
+                sample["pixel_values"] = image_pixels(self.processor, [image], self.image_fit)[0]  # [3, H, W] uint8
         except SampleError as e:
             return {"skip": e.reason, "id": record_id}
-        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-                "pixel_values": pixel_values, "id": record_id}
+        return sample
 
-    def encode_text(self, conversations):
+    def encode_text(self, conversations, has_image):
         messages = to_messages(conversations)
         try:
             for m in messages:  # a lone surrogate ("\ud800" in the JSON) is valid JSON but no text: the
                 m["content"].encode("utf-8")  # tokenizer would raise a TypeError that ends the run
-            return encode(self.tokenizer, messages, self.n_image_tokens, self.max_text_tokens)
+            return encode(self.tokenizer, messages, self.n_image_tokens, self.max_text_tokens, has_image=has_image)
         except UnicodeError:
             raise SampleError("bad_text", "text that cannot be encoded") from None
+
+
+def pixel_shape(processor):
+    """[3, H, W]: the shape of the pixels `processor` makes (a blank image through it)."""
+    return tuple(image_pixels(processor, [Image.new("RGB", (64, 64))]).shape[1:])
 
 
 class Collator:
     """Pads a batch (right padding) to its longest sample, rounded up to a multiple of pad_multiple, and drops
     skipped records, counting them. Rounding leaves a handful of distinct lengths: compiled kernels (and CUDA
-    graphs) are made once per length and then reused, where one length per batch would recompile."""
+    graphs) are made once per length and then reused, where one length per batch would recompile.
+    pixel_values holds the images of the samples that have one, in row order; a batch of text-only samples
+    gets an empty [0, 3, H, W] batch of images, which the vision tower and projector still run on, so every
+    step sends the same parameters through backward (DDP requires it) and gives the projector a zero gradient."""
 
-    def __init__(self, pad_id, pad_multiple=1):
+    def __init__(self, pad_id, image_shape, pad_multiple=1):
         self.pad_id, self.pad_multiple = pad_id, pad_multiple
+        self.no_images = torch.zeros((0, *image_shape), dtype=torch.uint8)
 
     def __call__(self, samples):
         good = [s for s in samples if "skip" not in s]
@@ -160,11 +173,12 @@ class Collator:
             n = len(s["input_ids"])
             input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = s["input_ids"], s["labels"], 1
         label_index = label_positions(labels)
+        images = [s["pixel_values"] for s in good if "pixel_values" in s]
         return {
             "input_ids": input_ids,                                            # [B, T]
             "labels": labels,                                                  # [B, T]
             "attention_mask": attention_mask,                                  # [B, T]
-            "pixel_values": torch.stack([s["pixel_values"] for s in good]) if good else None,  # [B, 3, H, W]
+            "pixel_values": (torch.stack(images) if images else self.no_images) if good else None,  # [B_img, 3, H, W]
             "label_index": label_index,  # where the LM head runs (found here, on the CPU: no GPU sync)
             "n_label_tokens": len(label_index),
             "skipped": Counter(s["skip"] for s in bad),

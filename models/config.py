@@ -40,13 +40,14 @@ class VLMConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    lora_vision: bool = False  # also put adapters on the vision encoder's attention/MLP layers
-    lora_vision_targets: tuple = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    lora_targets: tuple = ()  # the LM's linear layers to adapt, by name (e.g. q_proj,v_proj); empty: all but the head
+    lora_vision: bool = False  # also put adapters on the vision encoder's linear layers
+    lora_vision_targets: tuple = ()  # the vision encoder's linear layers to adapt, by name; empty: all of them
 
     # --- data ---
     dataset: str = "liuhaotian/LLaVA-CC3M-Pretrain-595K"  # hub data set, downloaded when data_dir is empty
     data_dir: str = ""  # folder with chat.json and images.zip (or an images/ folder); "" = cache_dir/<dataset>
+    chat_json: str = ""  # a LLaVA json (e.g. llava_v1_5_mix665k.json) to use instead of data_dir/chat.json
     cache_dir: str = "~/.cache/tinyvlm"
     val_size: int = 1000  # held-out records (chosen by seed, not by position)
     num_workers: int = 8
@@ -113,6 +114,9 @@ class VLMConfig:
             bad("image_fit", "must be 'resize' or 'letterbox'")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "must be 'auto', 'cpu' or 'cuda'")
+        if self.chat_json and not (self.data_dir and Path(self.chat_json).expanduser().is_file()):
+            bad("chat_json", "must name an existing json file, and needs --data_dir: the folder its image paths "
+                "are relative to (e.g. --chat_json llava_v1_5_mix665k.json --data_dir playground/data)")
         if self.data_dir and not Path(self.data_dir).expanduser().is_dir():
             bad("data_dir", "does not exist; point it at a folder holding chat.json and images.zip, "
                 "or leave it empty to download the data set")
@@ -142,8 +146,8 @@ class VLMConfig:
 # The reference recipes (README, "Beyond SigLIP + SmolLM2"), each a starting point that sets a few fields. Phase 1
 # trains the projector at projector_lr, phase 2 LoRA at lora_lr; gradient checkpointing and a small per-device
 # batch let the 3-4B LMs train on one 80 GB GPU (global batch 128, as LLaVA fine-tunes).
-PHI3_MINI = dict(lm_model="microsoft/Phi-3-mini-4k-instruct",
-                 lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))  # Phi-3 fuses q/k/v, gate/up
+# LoRA goes on every linear layer of the LM (lora_targets empty), Phi-3's fused qkv_proj and gate_up_proj included.
+PHI3_MINI = dict(lm_model="microsoft/Phi-3-mini-4k-instruct")
 BIG_LM = dict(lora_lr=2e-4, gradient_checkpointing=True, batch_size=16, grad_accum=8)
 PRESETS = {
     "tinyvlm": {},  # the defaults above: SigLIP-B/16-224 + SmolLM2-135M
@@ -152,8 +156,7 @@ PRESETS = {
                     lora_vision=True, **PHI3_MINI, **BIG_LM),
     # Prismatic SigLIP-Phi2: SigLIP-so400m/14-384 (27x27 patches) + Phi-2, letterboxed images
     "prismatic-siglip-phi2": dict(vision_model="google/siglip-so400m-patch14-384", vision_feature_layer=-2,
-                                  pixel_unshuffle=3, image_fit="letterbox", lm_model="microsoft/phi-2",
-                                  lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"), **BIG_LM),
+                                  pixel_unshuffle=3, image_fit="letterbox", lm_model="microsoft/phi-2", **BIG_LM),
     # Prismatic's fused DINOv2 + SigLIP at 224 px (16x16 patches each) + Phi-3-mini. SigLIP comes first because its
     # processor makes the pixels: a plain resize to 224, where DINOv2's would resize to 256 and crop.
     "prismatic-dinosiglip-phi3": dict(vision_model="google/siglip-so400m-patch14-224",

@@ -50,9 +50,11 @@ def linear_names(model):
 
 
 def apply_lora(model: nn.Module, targets, r, alpha, dropout):
-    """Wrap every nn.Linear whose name ends with one of `targets`; returns the wrapped names."""
+    """Wrap every nn.Linear whose name ends with one of `targets`, or every nn.Linear of `model` when targets
+    is empty (found by type, so fused projections such as Phi-3's qkv_proj are covered); returns the wrapped
+    names. Pass the LM's decoder (lm.base_model), not the LM: its head is a linear layer that stays frozen."""
     names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+             if isinstance(m, nn.Linear) and (not targets or n.split(".")[-1] in targets)]
     if not names:
         raise ValueError(f"LoRA targets {list(targets)} match no linear layer; this model has {linear_names(model)}")
     for name in names:

@@ -1,13 +1,35 @@
 """The prompt format: one function for training and generation.
 
-A sample is the LM's own chat template (ChatML for SmolLM2) over the conversation, with the
-image placeholder expanded to exactly as many positions as the projector emits. Labels cover each
-assistant reply and its end-of-turn token; everything else is -100.
+A sample is the LM's own chat template (ChatML for SmolLM2, Llama 3's headers, Phi-3's tags, ...) over
+the conversation, with the image placeholder expanded to exactly as many positions as the projector
+emits. Labels cover each assistant reply and its end-of-turn token (the first special token the template
+puts after a reply: <|im_end|>, <|eot_id|>, <|end|>); everything else is -100. Generation stops there.
+
+A base LM without a chat template (Phi-2) gets PLAIN_TEMPLATE, which ends each reply with the LM's
+own end-of-text token, the one token a base LM already knows how to emit:
+
+    <bos>User:
+    <image>
+    Provide a brief description of the given image.
+
+    Assistant:
+    a red circle at the center .<eos>
+
 """
 IMAGE_TOKEN = "<image>"  # LLaVA's marker; added to the tokenizer as one special token
 DEFAULT_PROMPT = "<image>\nProvide a brief description of the given image."
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 IGNORE = -100
+# Replies start on a new line: a header ending in a space would tokenize differently once the reply follows.
+# (Newlines sit inside {{ }}: the template engine drops a newline that follows a {% %} tag.)
+PLAIN_TEMPLATE = (
+    "{{ bos_token or '' }}{% for message in messages %}{{ message['role'] | capitalize + ':\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:\n' }}{% endif %}"
+)
+# Llama 3's template writes today's date into its system prompt: a fixed one keeps training and generation
+# (and two runs on different days) on the same tokens. Templates without a date ignore it.
+TEMPLATE_VARIABLES = {"date_string": "26 Jul 2024"}
 
 
 class SampleError(ValueError):
@@ -23,9 +45,40 @@ def add_image_token(tokenizer):
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
+def prepare_tokenizer(tokenizer):
+    """Make a freshly loaded tokenizer ready for `encode`, in place, before any weights load (it takes
+    milliseconds; a template that cannot place labels fails here, not at the first batch). Adds the image
+    token; a base LM gets PLAIN_TEMPLATE; a tokenizer without a pad token pads with end-of-text (padded
+    positions are masked out of attention and labels, so any id will do)."""
+    add_image_token(tokenizer)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = PLAIN_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    encode(tokenizer, probe * 2, n_image_tokens=0, has_image=False)  # raises if labels cannot be placed
+
+
 def _ids(tokenizer, messages, generation_prompt=False):
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                         **TEMPLATE_VARIABLES)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def end_of_turn_id(tokenizer):
+    """The token that ends an assistant turn: the first special token the template renders after a reply
+    (<|im_end|> for ChatML, <|eot_id|> for Llama 3, <|end|> for Phi-3, end-of-text for PLAIN_TEMPLATE). It
+    is often not the tokenizer's eos_token (Llama 3 base, Phi-3, Qwen2.5 base), so it is read off the template."""
+    user = [{"role": "user", "content": "hi"}]
+    start = len(_ids(tokenizer, user, generation_prompt=True))
+    turn = _ids(tokenizer, user + [{"role": "assistant", "content": "hello"}])
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    eot = next((t for t in turn[start:] if t in special), None)
+    if eot is None:
+        raise ValueError("the chat template ends an assistant turn with no special token, so neither training nor "
+                         "generation knows where a reply ends; give the tokenizer a template that does (or none: "
+                         "tinyvlm then uses models.prompt.PLAIN_TEMPLATE)")
+    return eot
 
 
 def to_messages(conversations):
@@ -39,14 +92,15 @@ def to_messages(conversations):
     return messages
 
 
-def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation_prompt=False):
-    """Tokenize a conversation with exactly one image. Returns (input_ids, labels) as lists.
+def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation_prompt=False, has_image=True):
+    """Tokenize a conversation with exactly one image (has_image=False: none, a text-only sample that trains
+    the LM alone). Returns (input_ids, labels) as lists.
 
     With generation_prompt=True the sequence ends with the assistant header, ready to decode.
     """
     ids = _ids(tokenizer, messages, generation_prompt)
     labels = [IGNORE] * len(ids)
-    eot = tokenizer.eos_token_id  # end of turn (<|im_end|> for ChatML models)
+    eot = end_of_turn_id(tokenizer)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -55,26 +109,31 @@ def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation
         if not m["content"].strip():  # its end-of-turn token alone would train the model to say nothing
             raise SampleError("empty_reply", f"assistant turn {i} has no text")
         prefix = _ids(tokenizer, messages[:i], generation_prompt=True)
-        if ids[: len(prefix)] != prefix:  # the slicing below relies on the template being incremental
-            raise ValueError("the chat template does not render turns incrementally; labels cannot be placed")
-        start, end = len(prefix), len(_ids(tokenizer, messages[: i + 1]))
-        reply = ids[start:end]
-        stop = reply.index(eot) + 1 if eot in reply else len(reply)  # train the reply and its end-of-turn
-        labels[start:start + stop] = reply[:stop]
+        turn = _ids(tokenizer, messages[: i + 1])
+        start = len(prefix)
+        end = turn.index(eot, start) + 1  # the reply and its end-of-turn token
+        if turn[:start] != prefix or ids[:end] != turn[:end]:  # the slicing relies on incremental rendering
+            raise ValueError("the chat template renders a conversation differently from its turns one by one (it "
+                             "may rewrite earlier replies), so labels cannot be placed; give the tokenizer a "
+                             "template that renders turns incrementally")
+        labels[start:end] = ids[start:end]
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     n_images = ids.count(image_id)
-    if n_images != 1:
-        raise SampleError("no_image_token" if n_images == 0 else "several_image_tokens",
-                          f"expected exactly one {IMAGE_TOKEN} in the conversation, found {n_images}")
-    at = ids.index(image_id)
-    if max_text_tokens is not None and len(ids) - 1 > max_text_tokens:
-        if at >= max_text_tokens:
+    if n_images != has_image:
+        reason = ("several_image_tokens" if n_images > 1 else "no_image_token" if has_image
+                  else "image_token_without_image")
+        raise SampleError(reason, f"expected {int(has_image)} {IMAGE_TOKEN} in the conversation, found {n_images}")
+    at = ids.index(image_id) if has_image else None
+    if max_text_tokens is not None and len(ids) - has_image > max_text_tokens:
+        if has_image and at >= max_text_tokens:
             raise SampleError("image_beyond_max_text_tokens", f"{IMAGE_TOKEN} sits at text token {at}")
-        ids, labels = ids[: max_text_tokens + 1], labels[: max_text_tokens + 1]  # cut text, never the image
+        keep = max_text_tokens + has_image  # cut text, never the image
+        ids, labels = ids[:keep], labels[:keep]
     if not generation_prompt and all(l == IGNORE for l in labels):
         raise SampleError("no_target_tokens", "nothing left to train on (empty or truncated reply)")
-    ids = ids[:at] + [image_id] * n_image_tokens + ids[at + 1:]
-    labels = labels[:at] + [IGNORE] * n_image_tokens + labels[at + 1:]
+    if has_image:
+        ids = ids[:at] + [image_id] * n_image_tokens + ids[at + 1:]
+        labels = labels[:at] + [IGNORE] * n_image_tokens + labels[at + 1:]
     return ids, labels
 
 

@@ -11,11 +11,12 @@ from models.config import ConfigError, VLMConfig
 from models.hub import from_hub
 from models.lora import apply_lora, linear_names
 from models.projector import Projector
-from models.prompt import DEFAULT_PROMPT, add_image_token, encode_prompt, label_positions
+from models.prompt import DEFAULT_PROMPT, IMAGE_TOKEN, encode_prompt, end_of_turn_id, label_positions, prepare_tokenizer
 from models.vision import encoder_layers, load_vision, n_image_tokens, tower_class, tower_names, vision_config
 
 
 def _check_targets(field, targets, model):
+    """Explicit LoRA target names must each name a linear layer of `model`; none (all linear layers) always fits."""
     missing = sorted(set(targets) - set(linear_names(model)))
     if missing:
         raise ConfigError(f"config field '{field}': {missing} match no linear layer of "
@@ -25,7 +26,7 @@ def _check_targets(field, targets, model):
 def check_shapes(cfg: VLMConfig):
     """The config checks that need the backbones' shapes but not their weights, so they fail before anything
     loads: the unshuffle factor against the patch grid, the feature layer against each tower's depth, and
-    the LoRA targets against weightless (meta) models."""
+    the LoRA targets against weightless (meta) models (the LM's decoder: its head never gets adapters)."""
     n_image_tokens(cfg)
     vision_configs = [vision_config(name) for name in tower_names(cfg)]
     for name, c in zip(tower_names(cfg), vision_configs):
@@ -38,7 +39,7 @@ def check_shapes(cfg: VLMConfig):
         return
     with torch.device("meta"):
         _check_targets("lora_targets", cfg.lora_targets,
-                       AutoModelForCausalLM.from_config(from_hub(AutoConfig, cfg.lm_model)))
+                       AutoModelForCausalLM.from_config(from_hub(AutoConfig, cfg.lm_model)).base_model)
         if cfg.lora_vision:
             _check_targets("lora_vision_targets", cfg.lora_vision_targets,
                            nn.ModuleList(tower_class(c)(c) for c in vision_configs))
@@ -54,14 +55,14 @@ class VLMOutput:
 
 class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig, vision, processor, lm, tokenizer):
+        """tokenizer: made ready by models.prompt.prepare_tokenizer (as from_config does)."""
         super().__init__()
         self.cfg = cfg
         self.vision = vision  # models.vision.VisionTowers: uint8 pixels -> patch features, cut at the feature layer
         self.lm = lm
         self.processor, self.tokenizer = processor, tokenizer
-        self.image_token_id = add_image_token(tokenizer)  # never embedded: its positions get image features
-        if tokenizer.pad_token is None:  # e.g. a GGUF conversion; padded positions are masked out of attention
-            tokenizer.pad_token = tokenizer.eos_token  # and labels anyway, so any id will do
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)  # never embedded: image features go there
+        self.end_of_turn_id = end_of_turn_id(tokenizer)  # where generation stops, as training's labels do
         self.n_image_tokens = n_image_tokens(cfg)
         self.projector = Projector(vision.hidden_size, lm.config.hidden_size, cfg.projector_hidden_dim,
                                    cfg.pixel_unshuffle)
@@ -70,17 +71,22 @@ class VLM(nn.Module):
         if cfg.gradient_checkpointing:  # transformers checkpoints layers in training mode only: the lora phase
             self.enable_gradient_checkpointing()
         if cfg.phase == "lora":
-            apply_lora(self.lm, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+            apply_lora(self.lm.base_model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
             if cfg.lora_vision:
                 apply_lora(self.vision, cfg.lora_vision_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         self.train()
 
     @classmethod
     def from_config(cls, cfg: VLMConfig):
-        """Loads the backbones named by the config (hub ids or local dirs) and builds a fresh projector."""
+        """Loads the backbones named by the config (hub ids or local dirs) and builds a fresh projector. The
+        tokenizer comes first: a chat template that cannot place labels fails before the slow weights load."""
+        tokenizer = from_hub(AutoTokenizer, cfg.lm_model)
+        try:
+            prepare_tokenizer(tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"config field 'lm_model' = {cfg.lm_model!r}: {e}") from None
         vision, processor = load_vision(cfg)
-        return cls(cfg, vision, processor, from_hub(AutoModelForCausalLM, cfg.lm_model),
-                   from_hub(AutoTokenizer, cfg.lm_model))
+        return cls(cfg, vision, processor, from_hub(AutoModelForCausalLM, cfg.lm_model), tokenizer)
 
     def train(self, mode=True):
         super().train(mode)
@@ -125,26 +131,37 @@ class VLM(nn.Module):
             block.compile(dynamic=False, mode=mode)
 
     # --- forward ---
-    def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8
+    def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8, B may be 0
+        n = len(pixel_values)
+        # A batch of text-only samples has no image, yet the tower and projector still run (on one blank image,
+        # dropped at the end: the tower's reshapes need a batch), so every trainable weight gets a (zero)
+        # gradient, as DDP needs.
+        if n == 0:
+            pixel_values = pixel_values.new_zeros(1, *pixel_values.shape[1:])
         with torch.set_grad_enabled(self.cfg.lora_vision and torch.is_grad_enabled()):
             feats = self.vision(pixel_values)                   # [B, N, Dv]
-        return self.projector(feats)                            # [B, n_image_tokens, D]
+        return self.projector(feats)[:n]                        # [B, n_image_tokens, D]
 
     def embed(self, input_ids, pixel_values):
+        """pixel_values [B_img, 3, H, W] are the images of the rows that hold image positions, in row order
+        (text-only rows have none; B_img may be 0, and the tower and projector still run, on no image)."""
         is_image = input_ids == self.image_token_id             # [B, T]
         if not torch.compiler.is_compiling():  # the data path guarantees it; a hand-built batch may not
-            self.check_image_positions(is_image)
+            self.check_image_positions(is_image, len(pixel_values))
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # [B, T, D]
-        image = self.encode_images(pixel_values).to(embeds.dtype)  # [B, n_image_tokens, D]
+        image = self.encode_images(pixel_values).to(embeds.dtype)  # [B_img, n_image_tokens, D]
         return embeds.masked_scatter(is_image.unsqueeze(-1), image)
 
-    def check_image_positions(self, is_image):
+    def check_image_positions(self, is_image, n_images):
         counts = is_image.sum(1)
+        n = self.n_image_tokens
+        fits = ((counts == 0) | (counts == n)).all() & (counts.sum() == n_images * n)
         if is_image.is_cuda:  # checked on the device: reading the counts would make the host wait for the GPU
-            torch._assert_async((counts == self.n_image_tokens).all(), "a sample lacks image positions")
-        elif not bool((counts == self.n_image_tokens).all()):
+            torch._assert_async(fits, "image positions do not match the images")
+        elif not bool(fits):
             raise ValueError(f"each sample must hold exactly {self.n_image_tokens} image positions (what the "
-                             f"projector emits); got {counts.tolist()}. Build inputs with models.prompt.encode")
+                             f"projector emits) or none, one image each; got {counts.tolist()} positions for "
+                             f"{n_images} images. Build inputs with models.prompt.encode")
 
     def forward(self, input_ids, pixel_values, labels=None, label_index=None):
         """input_ids [B, T] are right-padded: causal attention never looks at the padding after a sample, so no
@@ -180,7 +197,8 @@ class VLM(nn.Module):
                     inputs_embeds=self.embed(ids, pixel_values), attention_mask=torch.ones_like(ids),
                     max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
                     top_p=top_p if temperature > 0 else None,
-                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+                    eos_token_id=[self.end_of_turn_id, self.tokenizer.eos_token_id],  # the reply's end, or the text's
+                    pad_token_id=self.tokenizer.pad_token_id)
         finally:
             self.train(was_training)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

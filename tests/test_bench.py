@@ -62,5 +62,5 @@ def test_written_flop_count_matches_pytorch_flop_counter(tiny_cfg, tiny_batch, p
     # torch also counts the Q @ K^T that flash attention's backward recomputes; model FLOPs leave it out
     recomputed = 2 * lm.num_hidden_layers * T * T * lm.hidden_size * B
     n_labels = int((batch["labels"][:, 1:] != IGNORE).sum())
-    written = flop_counter(model)([T] * B, n_labels)
+    written = flop_counter(model)([T] * B, n_labels, B)
     assert written == pytest.approx(counter.get_total_flops() - recomputed, rel=1e-3)

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 import main
 from checkpoint import load_model
-from data.llava import Collator, ImageStore, LlavaDataset, load_records
+from data.llava import Collator, ImageStore, LlavaDataset, load_records, pixel_shape
 from data.shapes import draw
 from models.config import VLMConfig
 from models.prompt import IGNORE, IMAGE_TOKEN, add_image_token, encode, encode_prompt
@@ -105,13 +105,14 @@ def test_a_tokenizer_without_pad_token_pads_with_end_of_turn_and_padding_changes
     samples = sorted((data[i] for i in range(len(data))), key=lambda s: len(s["input_ids"]))
     short, long = samples[0], samples[-1]
     assert len(short["input_ids"]) < len(long["input_ids"])
-    batch = Collator(model.tokenizer.pad_token_id)([short, long])
+    collate = Collator(model.tokenizer.pad_token_id, pixel_shape(model.processor))
+    batch = collate([short, long])
     assert (batch["input_ids"][0, len(short["input_ids"]):] == model.tokenizer.eos_token_id).all()
 
     def loss_sum(b):
         with torch.no_grad():
             return model(**{k: b[k] for k in ("input_ids", "pixel_values", "labels", "label_index")}).loss_sum
-    alone = sum(loss_sum(Collator(model.tokenizer.pad_token_id)([s])) for s in (short, long))
+    alone = sum(loss_sum(collate([s])) for s in (short, long))
     torch.testing.assert_close(loss_sum(batch), alone, rtol=1e-4, atol=1e-4)
     # padding to a multiple of 16 (few shapes to compile) changes the length, not the loss
     bucketed = Collator(model.tokenizer.pad_token_id, pad_multiple=16)([short, long])

@@ -49,7 +49,8 @@ LONG = " ".join([CAPTION] * 60)  # far over max_text_tokens
 NON_UTF8 = "NON_UTF8_HERE"  # replaced by invalid UTF-8 bytes in chat.json
 DROP = object()  # a record field left out
 REASONS = ("missing_image", "empty_image_file", "corrupt_image", "image_too_large", "bad_text", "malformed_record",
-           "empty_reply", "no_image_token", "several_image_tokens", "image_beyond_max_text_tokens", "no_target_tokens")
+           "empty_reply", "no_image_token", "several_image_tokens", "image_beyond_max_text_tokens", "no_target_tokens",
+           "image_token_without_image")
 # every skip reason there is, but "unreadable_image" (no permission, an I/O error: not to be had as root)
 
 
@@ -110,7 +111,7 @@ def bad_cases():
         ("image_after_max_text", "image_beyond_max_text_tokens", jpeg,
          dict(user="Describe the image in detail. " * 30 + "<image>")),
         ("reply_cut_off", "no_target_tokens", jpeg, dict(user="<image>\n" + "Describe the image in detail. " * 30)),
-        ("no_image_key", "malformed_record", jpeg, dict(image=DROP)),
+        ("no_image_key", "image_token_without_image", jpeg, dict(image=DROP)),  # text-only, yet <image> in it
         ("no_conversations_key", "malformed_record", jpeg, dict(conversations=DROP)),
         ("conversations_is_int", "malformed_record", jpeg, dict(conversations=7)),
         ("image_is_list", "malformed_record", jpeg, dict(image=["a.img", "b.img"])),
