@@ -22,7 +22,7 @@ from models.vlm import VLM
 WEIGHTS = "trainable.safetensors"
 # Fields a resumed run may change: they do not touch the math of training. Any other change stops the run.
 RESUMABLE_CHANGES = ("cache_dir", "num_workers", "max_bad_fraction", "max_bad_steps", "device", "compile",
-                     "log_every", "eval_every", "eval_captions", "save_every", "keep_last", "out_dir", "resume",
+                     "log_every", "eval_every", "eval_captions", "metric_records", "save_every", "keep_last", "out_dir", "resume",
                      "wandb_project")
 SAME_BACKBONES = ("vision_model", "lm_model", "vision_feature_layer", "pixel_unshuffle", "projector_hidden_dim")
 
