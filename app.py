@@ -36,6 +36,7 @@ from threading import Thread  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import TextIteratorStreamer  # noqa: E402
 
@@ -129,6 +130,7 @@ def build_page(model, examples_dir):
 
 def main(argv):
     args = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     model = checkpoint.load_model(args.checkpoint).to("cuda" if cuda else "cpu")
     build_page(model, args.examples).launch(server_port=args.port, max_file_size=MAX_FILE_BYTES)
