@@ -43,10 +43,9 @@ import transformers  # noqa: E402
 
 import checkpoint  # noqa: E402
 from data.llava import ImageStore, LlavaDataset, load_records, split_indices  # noqa: E402
-from metrics import caption_scores  # noqa: E402
 from models.config import ConfigError  # noqa: E402
 from models.hub import HubError  # noqa: E402
-from report import sample_captions  # noqa: E402
+from report import caption_metrics  # noqa: E402
 
 
 def eval_dataset(model, data_dir, split):
@@ -59,10 +58,10 @@ def eval_dataset(model, data_dir, split):
 
 def evaluate(model, dataset, device, batch_size, num_workers, limit=0):
     """({metric: score}, [{id, prediction, reference}]) over the usable records among the first `limit`."""
-    rows = sample_captions(model, dataset, limit or len(dataset), device, batch_size, num_workers, progress=True)
+    scores, rows = caption_metrics(model, dataset, limit or len(dataset), device, batch_size=batch_size,
+                                   num_workers=num_workers, progress=True)
     if not rows:
         raise ConfigError("no record of the split could be used (missing images or malformed records?)")
-    scores = caption_scores([caption for _, caption, _ in rows], [truth for _, _, truth in rows])
     return scores, [{"id": id_, "prediction": caption, "reference": truth} for id_, caption, truth in rows]
 
 

@@ -254,7 +254,7 @@ def train(cfg: VLMConfig):
                 reporter.print(f"step {step}: val loss {result['val_loss']:.4f}")
                 reporter.log(step, {"val_loss": result["val_loss"]}, captions)
                 if done and cfg.metric_records and rank == 0:  # the captioning metrics: once a phase, they are slow
-                    result["caption_scores"] = caption_metrics(model, val_loader.dataset, cfg.metric_records, device)
+                    result["caption_scores"], _ = caption_metrics(model, val_loader.dataset, cfg.metric_records, device)
                     reporter.print(f"step {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in result["caption_scores"].items()))
                     reporter.log(step, {f"val_{k}": v for k, v in result["caption_scores"].items()})
             if step % cfg.eval_every == 0 or done:

@@ -39,10 +39,13 @@ def sample_captions(model, dataset, n, device, batch_size=64, num_workers=0, pro
     return rows
 
 
-def caption_metrics(model, dataset, n, device):
-    """metrics.caption_scores of the first n usable records' captions ({} if none is usable)."""
-    rows = sample_captions(model, dataset, n, device)
-    return caption_scores([caption for _, caption, _ in rows], [truth for _, _, truth in rows]) if rows else {}
+def caption_metrics(model, dataset, n, device, **captioning):
+    """(metrics.caption_scores, sample_captions rows) of the first n usable records, or ({}, []) if none is usable.
+    captioning: sample_captions' batch_size, num_workers, progress."""
+    rows = sample_captions(model, dataset, n, device, **captioning)
+    if not rows:
+        return {}, []
+    return caption_scores([caption for _, caption, _ in rows], [truth for _, _, truth in rows]), rows
 
 
 def reference(tokenizer, item):
