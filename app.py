@@ -31,9 +31,11 @@ def parse_args(argv):
 if __name__ == "__main__":  # bad arguments answer now, before the slow imports below
     parse_args(sys.argv[1:])
 
+import os  # noqa: E402
 from functools import partial  # noqa: E402
 from threading import Thread  # noqa: E402
 
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local page: no usage reports sent anywhere
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -100,12 +102,21 @@ def caption_stream(model, image, prompt, temperature, top_p, max_new_tokens):
         raise gr.Error(str(e)) from None
     streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
     pixel_values = image_pixels(model.processor, [image]).to(model.pixel_scale.device)  # [1, 3, H, W] uint8
-    Thread(target=model.generate, args=(pixel_values, prompt, int(max_new_tokens), temperature, top_p, streamer),
-           daemon=True).start()
+    failed = []
+
+    def generate():
+        try:
+            model.generate(pixel_values, prompt, int(max_new_tokens), temperature, top_p, streamer)
+        except Exception as e:  # e.g. a prompt longer than the LM's context: said on the page, and the stream ends
+            failed.append(e)
+            streamer.end()
+    Thread(target=generate, daemon=True).start()
     caption = ""
     for piece in streamer:
         caption += piece
         yield caption
+    if failed:
+        raise gr.Error(f"The model could not caption this: {failed[0]}")
 
 
 def build_page(model, examples_dir):

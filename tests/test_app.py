@@ -1,4 +1,5 @@
 """app.py, the local page: bad input gets a message, the caption streams, and a real browser reads it."""
+import os
 import shutil
 import socket
 import subprocess
@@ -64,9 +65,20 @@ def test_the_caption_streams_to_what_generate_writes(tiny_checkpoint, red_square
     assert stream[-1].strip() == expected
 
 
+def test_a_failed_generation_ends_the_stream_with_a_message(tiny_checkpoint, red_square, monkeypatch):
+    model = checkpoint.load_model(tiny_checkpoint)
+
+    def too_long(*args):
+        raise ValueError("the prompt is longer than the LM's context")
+    monkeypatch.setattr(model, "generate", too_long)
+    with pytest.raises(gr.Error, match="could not caption this: the prompt is longer"):
+        list(app.caption_stream(model, app.read_image(red_square), "<image> hi", 0.0, 1.0, 8))
+
+
 # ----------------------------------------------------------------------------- a real browser
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's chromium and chromedriver, headless, or a skip saying what is missing."""
+    """Debian's chromium and chromedriver, headless, or a skip saying what is missing (before any server starts)."""
     pytest.importorskip("selenium", reason="selenium comes with the app extra: uv sync --extra app")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -77,7 +89,9 @@ def browser():
     options.binary_location = shutil.which("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
         options.add_argument(arg)
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    yield driver
+    driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +99,7 @@ def page_url(tiny_checkpoint, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen([sys.executable, "app.py", "--checkpoint", str(tiny_checkpoint), "--port", str(port),
                                "--device", "cpu", "--examples", str(tmp_path_factory.mktemp("none"))],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -106,25 +120,22 @@ def page_url(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_browser_uploads_an_image_and_reads_the_caption(page_url, tiny_checkpoint, red_square, tmp_path):
+def test_a_browser_uploads_an_image_and_reads_the_caption(browser, page_url, tiny_checkpoint, red_square, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     model = checkpoint.load_model(tiny_checkpoint)
     expected = model.generate(image_pixels(model.processor, [Image.open(red_square).convert("RGB")]))[0]
-    driver = browser()
-    try:
-        driver.get(page_url)
-        wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#image input[type=file]")).send_keys(str(red_square))
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"))  # the preview: uploaded
-        driver.find_element(By.ID, "caption-button").click()
-        caption = driver.find_element(By.CSS_SELECTOR, "#caption textarea")
-        wait.until(lambda d: caption.get_attribute("value").strip() == expected)
-        not_an_image = tmp_path / "notes.png"
-        not_an_image.write_text("hello")
-        driver.get(page_url)  # a fresh page
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#image input[type=file]")).send_keys(str(not_an_image))
-        driver.find_element(By.ID, "caption-button").click()  # the server reads the upload when asked to caption
-        wait.until(lambda d: "This file is not an image" in d.find_element(By.TAG_NAME, "body").text)
-    finally:
-        driver.quit()
+    browser.get(page_url)
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#image input[type=file]")).send_keys(str(red_square))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"))  # the preview: uploaded
+    browser.find_element(By.ID, "caption-button").click()
+    caption = browser.find_element(By.CSS_SELECTOR, "#caption textarea")
+    wait.until(lambda d: caption.get_attribute("value").strip() == expected)
+
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    browser.get(page_url)  # a fresh page
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#image input[type=file]")).send_keys(str(not_an_image))
+    browser.find_element(By.ID, "caption-button").click()  # the server reads the upload when asked to caption
+    wait.until(lambda d: "This file is not an image" in d.find_element(By.TAG_NAME, "body").text)
