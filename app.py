@@ -78,17 +78,14 @@ def check_prompt(prompt):
         raise InputError(f"The prompt holds {IMAGE_TOKEN} more than once; the model reads one image, at one place.")
 
 
-class CheckedImage(gr.Image):
-    """gr.Image whose upload goes through read_image, so that a bad file gets a message rather than an error."""
-    is_template = True  # drawn by gr.Image's own front end
-
-    def preprocess(self, payload):
-        if payload is None or payload.path is None:
-            return super().preprocess(payload)
-        try:
-            return read_image(payload.path)
-        except InputError as e:
-            raise gr.Error(str(e)) from None
+def read_upload(preprocess, payload):
+    """gr.Image's `preprocess`, but an uploaded file goes through read_image: a bad file gets a message."""
+    if payload is None or payload.path is None:
+        return preprocess(payload)
+    try:
+        return read_image(payload.path)
+    except InputError as e:
+        raise gr.Error(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- the page
@@ -124,7 +121,9 @@ def build_page(model, examples_dir):
         gr.Markdown("# tinyvlm\nDrop or paste an image, then press **Caption**.")
         with gr.Row():
             with gr.Column():
-                image = CheckedImage(label="image", type="pil", sources=["upload", "clipboard"], elem_id="image")
+                image = gr.Image(label="image", type="pil", sources=["upload", "clipboard"], elem_id="image")
+                # gr.Image would open the file with Pillow itself; a subclass instead would make gradio write a .pyi
+                image.preprocess = partial(read_upload, image.preprocess)
                 prompt = gr.Textbox(DEFAULT_PROMPT, label="prompt", lines=2, elem_id="prompt")
                 temperature = gr.Slider(0, 2, 0, step=0.05, label="temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1, 1, step=0.05, label="top-p")
