@@ -44,6 +44,8 @@ from transformers import TextIteratorStreamer  # noqa: E402
 
 import checkpoint  # noqa: E402
 from data.llava import decode_image  # noqa: E402
+from models.config import ConfigError  # noqa: E402
+from models.hub import HubError  # noqa: E402
 from models.prompt import SampleError  # noqa: E402
 from models.vision import image_pixels  # noqa: E402
 
@@ -142,7 +144,10 @@ def main(argv):
     args = parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    model = checkpoint.load_model(args.checkpoint).to("cuda" if cuda else "cpu")
+    try:
+        model = checkpoint.load_model(args.checkpoint).to("cuda" if cuda else "cpu")
+    except (ConfigError, HubError) as e:
+        sys.exit(f"error: {e}")
     build_page(model, args.examples).launch(server_port=args.port, max_file_size=MAX_FILE_BYTES)
 
 
