@@ -69,6 +69,8 @@ def run(cfg):
         name = json.loads(val_set.records[val_set.indices[i]]["record"])["image"]
         (samples / name).write_bytes(val_set.images.read(name))
     print(f"try: uv run python generate.py --checkpoint {lora.out_dir} {samples}/*.jpg")
+    print(f" or: uv run python eval.py --checkpoint {lora.out_dir} --data_dir {cfg.data_dir}")
+    print(f" or, after uv sync --extra app: uv run python app.py --checkpoint {lora.out_dir}")
     return out
 
 

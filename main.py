@@ -36,7 +36,7 @@ from data.download import DataError, ensure_dataset  # noqa: E402
 from data.llava import (Collator, ImageStore, LlavaDataset, ShardedBatchSampler, SkipTally,  # noqa: E402
                         filler_batch, load_records, pixel_shape, split_indices, steps_of_micro_batches)
 from models.vlm import VLM, check_shapes  # noqa: E402
-from report import Reporter, sample_captions, step_line  # noqa: E402
+from report import Reporter, caption_metrics, sample_captions, step_line  # noqa: E402
 from throughput import Meter  # noqa: E402
 
 
@@ -153,7 +153,8 @@ class StopRequest:
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: VLMConfig):
     """One phase, from config to final checkpoint. Returns {"model", "step", "checkpoint", "losses": [(step,
-    loss)], "stats": [one per log line], "val_loss", "skipped": {reason: count}}."""
+    loss)], "stats": [one per log line], "val_loss", "caption_scores" (rank 0, end of phase), "skipped": {reason:
+    count}}."""
     cfg.validate()  # every check that needs no weights comes first: a mistake costs seconds, not minutes
     check_shapes(cfg)
     checkpoint.check_init_from(cfg)
@@ -187,7 +188,7 @@ def train(cfg: VLMConfig):
     bad_total, bad_streak = torch.tensor(state["bad_steps"], device=device), torch.tensor(state["bad_in_a_row"], device=device)
     worst_streak, loss_sum, loss_tokens = bad_streak.clone(), torch.zeros((), device=device), torch.zeros((), device=device)
     meter, reporter = Meter(model, device, world), Reporter(cfg, rank, state["step"])
-    result = {"losses": [], "stats": [], "val_loss": None, "checkpoint": resume_from}
+    result = {"losses": [], "stats": [], "val_loss": None, "caption_scores": None, "checkpoint": resume_from}
     reporter.print(f"phase {cfg.phase}: {sum(p.numel() for p in params):,} trainable parameters, {model.n_image_tokens} "
                    f"image tokens, global batch {cfg.batch_size * cfg.grad_accum * world}, steps {state['step']}->{total}"
                    + (f", resumed from {resume_from}" if resume_from else ""))
@@ -257,6 +258,12 @@ def train(cfg: VLMConfig):
                 captions = sample_captions(model, val_loader.dataset, cfg.eval_captions, device) if rank == 0 else []
                 reporter.print(f"step {step}: val loss {result['val_loss']:.4f}")
                 reporter.log(step, {"val_loss": result["val_loss"]}, captions)
+                if done and cfg.metric_records and rank == 0:  # the captioning metrics: once a phase, they are slow
+                    result["caption_scores"], _ = caption_metrics(model, val_loader.dataset, cfg.metric_records, device)
+                    reporter.print(f"step {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in result["caption_scores"].items()))
+                    reporter.log(step, {f"val_{k}": v for k, v in result["caption_scores"].items()})
+            if step % cfg.eval_every == 0 or done:
+                reporter.plot_curves()
 
             stopping = stop.requested  # every rank stops together if any was asked to
             if world > 1:

@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
+
+from metrics import caption_scores
 
 
 def printable(text):
@@ -21,15 +24,28 @@ def step_line(step, total, lr, loss, s, skipped):
             f"data wait {100 * s['data_wait']:.0f}% | skipped {skipped}")
 
 
-def sample_captions(model, dataset, n, device, batch_size=64):
-    """(id, caption, reference) for the usable image records among the first n (fixed) of a dataset, captioned
-    in batches."""
-    items = [item for item in (dataset[i] for i in range(min(n, len(dataset)))) if "pixel_values" in item]
+def sample_captions(model, dataset, n, device, batch_size=64, num_workers=0, progress=False):
+    """(id, caption, reference) for the image records among the first n (fixed) of a dataset, captioned in
+    batches (skipped and text-only records left out); num_workers DataLoader workers decode the images meanwhile."""
+    first_n = Subset(dataset, range(min(n, len(dataset))))
     rows = []
-    for chunk in (items[i:i + batch_size] for i in range(0, len(items), batch_size)):
+    for chunk in tqdm(DataLoader(first_n, batch_size, num_workers=num_workers, collate_fn=list),
+                      desc="captioning", disable=not progress, dynamic_ncols=True):
+        chunk = [item for item in chunk if "pixel_values" in item]
+        if not chunk:
+            continue
         captions = model.generate(torch.stack([item["pixel_values"] for item in chunk]).to(device))
         rows += [(item["id"], caption, reference(model.tokenizer, item)) for item, caption in zip(chunk, captions)]
     return rows
+
+
+def caption_metrics(model, dataset, n, device, **captioning):
+    """(metrics.caption_scores, sample_captions rows) of the first n usable records, or ({}, []) if none is usable.
+    captioning: sample_captions' batch_size, num_workers, progress."""
+    rows = sample_captions(model, dataset, n, device, **captioning)
+    if not rows:
+        return {}, []
+    return caption_scores([caption for _, caption, _ in rows], [truth for _, _, truth in rows]), rows
 
 
 def reference(tokenizer, item):
@@ -66,6 +82,12 @@ class Reporter:
             import wandb
             extra = {"captions": wandb.Table(columns=["id", "caption", "reference"], data=list(captions))} if captions else {}
             self.wandb.log({**metrics, **extra}, step=step)
+
+    def plot_curves(self):
+        """Redraws out_dir/curves.png from the whole log.jsonl history (matplotlib is imported only here)."""
+        if not self.quiet:
+            from curves import plot_curves
+            plot_curves(self.path, self.path.parent / "curves.png")
 
     def close(self):
         if self.wandb:

@@ -76,6 +76,7 @@ class VLMConfig:
     log_every: int = 10
     eval_every: int = 500
     eval_captions: int = 4  # fixed validation images captioned at every evaluation
+    metric_records: int = 64  # validation records captioned at the end of a phase for CIDEr, BLEU-4, ROUGE-L; 0 = off
     save_every: int = 1000
     keep_last: int = 2
     out_dir: str = "checkpoints/run"
@@ -106,8 +107,9 @@ class VLMConfig:
                 bad(name, f"must be in [{lo}, {hi})")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.max_steps < 0 or self.val_size < 0:
             raise ConfigError("config fields weight_decay, grad_clip, max_steps and val_size must be >= 0")
-        if self.num_workers < 0:
-            bad("num_workers", "must be >= 0")
+        for name in ("num_workers", "metric_records"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
         if self.preset not in PRESETS:
             bad("preset", f"must be one of {', '.join(PRESETS)}")
         if self.image_fit not in ("resize", "letterbox"):

@@ -183,9 +183,11 @@ class VLM(nn.Module):
         return VLMOutput(loss=loss_sum / max(n, 1), loss_sum=loss_sum, n_tokens=n)
 
     @torch.no_grad()
-    def generate(self, pixel_values, prompt=DEFAULT_PROMPT, max_new_tokens=32, temperature=0.0, top_p=1.0):
+    def generate(self, pixel_values, prompt=DEFAULT_PROMPT, max_new_tokens=32, temperature=0.0, top_p=1.0,
+                 streamer=None):
         """Caption a batch of uint8 images [B, 3, H, W] (image_pixels): the vision tower runs once per image,
-        then the LM decodes with its KV cache; each sequence stops at its own end-of-turn token."""
+        then the LM decodes with its KV cache; each sequence stops at its own end-of-turn token. A transformers
+        streamer (one image only) receives the tokens as they come, e.g. TextIteratorStreamer for app.py."""
         ids = torch.tensor([encode_prompt(self.tokenizer, prompt, self.n_image_tokens)] * len(pixel_values),
                            device=pixel_values.device)  # one prompt for all: no padding needed
         autocast = torch.autocast("cuda", torch.bfloat16) if ids.is_cuda else contextlib.nullcontext()
@@ -198,7 +200,7 @@ class VLM(nn.Module):
                     max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
                     top_p=top_p if temperature > 0 else None,
                     eos_token_id=[self.end_of_turn_id, self.tokenizer.eos_token_id],  # the reply's end, or the text's
-                    pad_token_id=self.tokenizer.pad_token_id)
+                    pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
         finally:
             self.train(was_training)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -1,0 +1,141 @@
+"""app.py, the local page: bad input gets a message, the caption streams, and a real browser reads it."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+
+gr = pytest.importorskip("gradio", reason="the page's dependencies are an extra: uv sync --extra app")
+import app  # noqa: E402
+import checkpoint  # noqa: E402
+from models.config import VLMConfig  # noqa: E402
+from models.vision import image_pixels  # noqa: E402
+from models.vlm import VLM  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_assets, tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = VLMConfig(vision_model=tiny_assets.vision, lm_model=tiny_assets.lm, projector_hidden_dim=64)
+    path = tmp_path_factory.mktemp("checkpoint")
+    checkpoint.save_model(VLM.from_config(cfg), path)
+    return path
+
+
+@pytest.fixture
+def red_square(tmp_path):
+    path = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), "red").save(path)
+    return path
+
+
+def test_bad_files_get_a_message_not_an_error(tmp_path, red_square, monkeypatch):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    with pytest.raises(app.InputError, match="not an image"):
+        app.read_image(not_an_image)
+    monkeypatch.setattr(app, "MAX_PIXELS", 40 * 30 - 1)  # checked from the header, before any decoding
+    with pytest.raises(app.InputError, match="40x30 pixels, over"):
+        app.read_image(red_square)
+    monkeypatch.undo()
+    assert app.read_image(red_square).size == (40, 30)
+
+
+def test_an_empty_prompt_gets_a_message():
+    with pytest.raises(app.InputError, match="prompt is empty"):
+        app.check_prompt("  \n")
+    with pytest.raises(app.InputError, match="more than once"):
+        app.check_prompt("<image> <image> what is this?")
+
+
+def test_the_caption_streams_to_what_generate_writes(tiny_checkpoint, red_square):
+    model = checkpoint.load_model(tiny_checkpoint)
+    image = app.read_image(red_square)
+    stream = list(app.caption_stream(model, image, "<image>\nWhat is it?", 0.0, 1.0, 8))
+    assert len(stream) > 1 and all(a == b[:len(a)] for a, b in zip(stream, stream[1:]))  # it grows
+    expected = model.generate(image_pixels(model.processor, [image]), "<image>\nWhat is it?", max_new_tokens=8)[0]
+    assert stream[-1].strip() == expected
+
+
+def test_a_failed_generation_ends_the_stream_with_a_message(tiny_checkpoint, red_square, monkeypatch):
+    model = checkpoint.load_model(tiny_checkpoint)
+
+    def too_long(*args):
+        raise ValueError("the prompt is longer than the LM's context")
+    monkeypatch.setattr(model, "generate", too_long)
+    with pytest.raises(gr.Error, match="could not caption this: the prompt is longer"):
+        list(app.caption_stream(model, app.read_image(red_square), "<image> hi", 0.0, 1.0, 8))
+
+
+# ----------------------------------------------------------------------------- a real browser
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium and chromedriver, headless, or a skip saying what is missing (before any server starts)."""
+    pytest.importorskip("selenium", reason="selenium comes with the app extra: uv sync --extra app")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    missing = [name for name in ("chromium", "chromedriver") if not shutil.which(name)]
+    if missing:
+        pytest.skip(f"no {' and '.join(missing)} on PATH: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page_url(tiny_checkpoint, tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "app.py", "--checkpoint", str(tiny_checkpoint), "--port", str(port),
+                               "--device", "cpu", "--examples", str(tmp_path_factory.mktemp("none"))],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"app.py did not serve {url}: {server.communicate()[1].decode()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(30)
+
+
+@pytest.mark.slow
+def test_a_browser_uploads_an_image_and_reads_the_caption(browser, page_url, tiny_checkpoint, red_square, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    model = checkpoint.load_model(tiny_checkpoint)
+    expected = model.generate(image_pixels(model.processor, [Image.open(red_square).convert("RGB")]))[0]
+    browser.get(page_url)
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#image input[type=file]")).send_keys(str(red_square))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"))  # the preview: uploaded
+    browser.find_element(By.ID, "caption-button").click()
+    caption = browser.find_element(By.CSS_SELECTOR, "#caption textarea")
+    wait.until(lambda d: caption.get_attribute("value").strip() == expected)
+
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    browser.get(page_url)  # a fresh page
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#image input[type=file]")).send_keys(str(not_an_image))
+    browser.find_element(By.ID, "caption-button").click()  # the server reads the upload when asked to caption
+    wait.until(lambda d: "This file is not an image" in d.find_element(By.TAG_NAME, "body").text)
