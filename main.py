@@ -20,6 +20,7 @@ if __name__ == "__main__":  # --help, typos and an unreachable hub answer now, b
 import os  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
+from collections import Counter  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -57,6 +58,24 @@ def all_reduce(t):
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+def skips_over_ranks(tally):
+    """(samples seen, Counter of skipped samples by reason), summed over every rank: the log reports the run,
+    not rank 0's share of it."""
+    parts = [(tally.seen, tally.skipped)]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (tally.seen, tally.skipped))
+    return sum(seen for seen, _ in parts), sum((skipped for _, skipped in parts), Counter())
+
+
+def follow_applied_steps(scheduler, applied):
+    """Point the LR schedule at the number of updates applied: a skipped (non-finite) step must not advance it.
+    The skips are only read at log lines (reading them makes the host wait for the GPU), so it is set there."""
+    if scheduler.last_epoch != applied:
+        scheduler.last_epoch = applied - 1
+        scheduler.step()
 
 
 # ----------------------------------------------------------------------------- model, data, optimizer
@@ -241,12 +260,14 @@ def train(cfg: VLMConfig):
                 loss = (all_reduce(loss_sum) / loss_tokens.clamp(min=1)).item()  # the one host sync per log line
                 stats = meter.read()
                 state["bad_steps"], state["bad_in_a_row"], worst = torch.stack([bad_total, bad_streak, worst_streak]).tolist()
+                follow_applied_steps(scheduler, step - state["bad_steps"])
                 loss_sum, loss_tokens, worst_streak = torch.zeros_like(loss_sum), torch.zeros_like(loss_tokens), bad_streak.clone()
+                _, skipped = skips_over_ranks(tally)
                 result["losses"].append((step, loss))
                 result["stats"].append(stats)
-                reporter.print(step_line(step, total, lr, loss, stats, sum(tally.skipped.values())))
+                reporter.print(step_line(step, total, lr, loss, stats, sum(skipped.values())))
                 reporter.log(step, {"loss": loss, "lr": lr, **stats, "bad_steps": state["bad_steps"],
-                                    **{f"skipped/{k}": v for k, v in tally.skipped.items()}})
+                                    **{f"skipped/{k}": v for k, v in skipped.items()}})
                 if worst >= cfg.max_bad_steps:
                     state["data"] = tally.state_dict()
                     path = checkpoint.save(cfg.out_dir, model, optimizer, scheduler, state, rank, cfg.keep_last)
@@ -275,9 +296,10 @@ def train(cfg: VLMConfig):
             if stopping:
                 break
     reporter.close()
-    if tally.skipped:
-        reporter.print(f"skipped {sum(tally.skipped.values())} of {tally.seen} samples: {dict(tally.skipped)}")
-    return {**result, "model": model, "step": state["step"], "skipped": dict(tally.skipped)}
+    seen, skipped = skips_over_ranks(tally)
+    if skipped:
+        reporter.print(f"skipped {sum(skipped.values())} of {seen} samples: {dict(skipped)}")
+    return {**result, "model": model, "step": state["step"], "skipped": dict(skipped)}
 
 
 def run_command(task):

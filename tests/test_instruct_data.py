@@ -155,13 +155,13 @@ def test_ddp_ranks_with_and_without_images_in_a_step_train_together(tiny_cfg, in
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_blocks_on_cuda_train_on_mixed_and_image_free_batches(tiny_cfg, instruct, projector_checkpoint,
                                                                         tmp_path):
-    """compile_blocks (dynamic shapes) meets batches of 0, 1 and 2 images, and matches eager on each."""
+    """compile_blocks (static shapes, CUDA graphs) meets batches of 0, 1 and 2 images, and matches eager on each."""
     cfg = dataclasses.replace(tiny_cfg, phase="lora", init_from=str(projector_checkpoint), lora_vision=True,
                               device="cuda")
     eager = VLM.from_config(cfg).cuda().eval()
     compiled = VLM.from_config(cfg).cuda().eval()
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_blocks()
+    compiled.compile_blocks(n_lengths=4)
     collate = Collator(eager.tokenizer.pad_token_id, pixel_shape(eager.processor))
     for indices in ([1, 3], [0, 1, 3], [0, 2]):  # no image, one of three, two of two
         batch = collate(samples(eager, instruct, indices))

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import transformers
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from PIL import ExifTags, Image, ImageDraw
 from safetensors.torch import load_file
@@ -35,7 +36,8 @@ from safetensors.torch import load_file
 import checkpoint
 import main
 from conftest import REPO, cli_args, trainable_params
-from data.llava import ImageStore, LlavaDataset, ShardedBatchSampler, decode_image, load_records, split_indices
+from data.llava import (ImageStore, LlavaDataset, ShardedBatchSampler, SkipTally, decode_image, load_records,
+                        split_indices)
 from models.config import ConfigError
 from checkpoint import WEIGHTS
 from models.vlm import VLM
@@ -374,7 +376,8 @@ def on_projector_forward(monkeypatch, action):
 
 def test_non_finite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch, on_optimizer_step):
     on_projector_forward(monkeypatch, lambda call, out: out * float("nan") if call in (2, 3) else out)
-    steps = spy_optimizer_steps(on_optimizer_step)
+    steps, lrs = spy_optimizer_steps(on_optimizer_step), []
+    on_optimizer_step(lambda optimizer: lrs.append(optimizer.param_groups[0]["lr"]))
     cfg = dataclasses.replace(tiny_cfg, max_steps=5, max_bad_steps=3)
     result = main.train(cfg)
     assert result["step"] == 5
@@ -382,6 +385,26 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch, on_opti
     log = [json.loads(line) for line in open(Path(cfg.out_dir) / "log.jsonl") if '"bad_steps"' in line]
     assert [entry["bad_steps"] for entry in log] == [0, 1, 2, 2, 2]
     assert all(np.isfinite(entry["loss"]) for entry in log)  # a skipped step does not poison the logged loss
+    # the schedule follows the updates applied: steps 2 and 3 are skipped, so steps 2-4 all get the rate of
+    # update 1, and each log line shows the rate its step used
+    schedule = transformers.get_cosine_schedule_with_warmup(
+        torch.optim.SGD([torch.zeros(1)], lr=cfg.projector_lr), round(cfg.warmup_frac * 5), 5).lr_lambdas[0]
+    expected = [cfg.projector_lr * schedule(applied) for applied in (0, 1, 1, 1, 2)]
+    assert lrs == pytest.approx(expected) and [entry["lr"] for entry in log] == pytest.approx(expected)
+
+
+def test_skip_counts_are_summed_over_ranks(tmp_path):
+    """Each rank tallies its own records; the log line and the run's result report the sum (2 gloo processes)."""
+    torch.multiprocessing.spawn(_sum_skips, args=(str(tmp_path),), nprocs=2)
+    assert [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)] == [[5, {"bad_text": 1, "missing_image": 3}]] * 2
+
+
+def _sum_skips(rank, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
+    mine = SkipTally(seen=2 + rank, skipped={"missing_image": 1 + rank, **({"bad_text": 1} if rank else {})})
+    seen, skipped = main.skips_over_ranks(mine)
+    Path(out_dir, f"{rank}.json").write_text(json.dumps([seen, dict(sorted(skipped.items()))]))
+    torch.distributed.destroy_process_group()
 
 
 def test_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint(tiny_cfg, monkeypatch, on_optimizer_step):
