@@ -100,7 +100,8 @@ def caption_stream(model, image, prompt, temperature, top_p, max_new_tokens):
     except InputError as e:
         raise gr.Error(str(e)) from None
     streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
-    pixel_values = image_pixels(model.processor, [image]).to(model.pixel_scale.device)  # [1, 3, H, W] uint8
+    device = next(model.parameters()).device
+    pixel_values = image_pixels(model.processor, [image], model.cfg.image_fit).to(device)  # [1, 3, H, W] uint8
     failed = []
 
     def generate():

@@ -5,8 +5,10 @@ full-size backbones with random weights, over synthetic CC3M-like JPEGs read fro
     uv run python bench.py --pixel_unshuffle 1              # 196 image tokens
     uv run python bench.py --phase lora                     # adapters on every LM linear layer
     torchrun --standalone --nproc_per_node 2 bench.py       # data parallel
-Any VLMConfig flag works (--batch_size, --compile true, ...). `--size tiny` runs the same path on tiny
-backbones (the CPU test does that).
+    uv run python bench.py --size clip-l-336+phi-3-mini --phase lora --batch_size 16 --gradient_checkpointing true
+Any VLMConfig flag works (--batch_size, --compile false, ...). `--size` picks the backbones' shapes (SHAPES);
+`--size tiny` runs the same path on tiny backbones (the CPU test does that). `--profile_at N` profiles 8 steps
+from step N; `--generate false` skips the generation benchmark. bench_all.sh runs the README's tables.
 """
 import io
 import json
@@ -28,7 +30,7 @@ import checkpoint
 import main
 from models.config import VLMConfig, parse_overrides
 from models.prompt import DEFAULT_PROMPT, encode_prompt
-from models.tiny import build_backbones
+from models.tiny import build_lm, build_vision
 from models.vlm import VLM
 
 CC3M_EPOCH = 595_375  # records in LLaVA-CC3M-Pretrain-595K
@@ -75,10 +77,19 @@ def pop_flag(argv, flag, default):
     return argv[:at] + argv[at + 2:], argv[at + 1]
 
 
+# --size: (vision family, vision size, LM family, LM size) of models.tiny; "base" is the default backbones' shapes
+SHAPES = {"tiny": ("siglip", "tiny", "llama", "tiny"), "base": ("siglip", "base", "llama", "base"),
+          "clip-l-336+phi-2": ("clip", "clip-l-336", "phi", "phi-2"),
+          "clip-l-336+phi-3-mini": ("clip", "clip-l-336", "phi3", "phi-3-mini")}
+
+
 def prepare(root, size, n_records):
     if not (root / "lm" / "config.json").is_file():
+        vision_family, vision_size, lm_family, lm_size = SHAPES[size]
         corpus = make_cc3m_like(root / "data", n_records)
-        build_backbones(root, corpus, size=size)
+        torch.manual_seed(0)
+        build_vision(root / "vision", vision_family, vision_size)
+        build_lm(root / "lm", corpus, lm_family, size=lm_size)
     return str(root / "data"), str(root / "vision"), str(root / "lm")
 
 
@@ -87,9 +98,10 @@ def bench_config(argv):
     argv, size = pop_flag(argv, "--size", "base")
     root = Path("checkpoints/bench") / size
     cfg = parse_overrides(argv, VLMConfig(batch_size=128, grad_accum=1, max_steps=40, log_every=10, val_size=256,
-                                          eval_every=10**9, eval_captions=0, save_every=10**9, resume=False,
+                                          eval_every=10**9, eval_captions=0, metric_records=0, save_every=10**9,
+                                          resume=False,
                                           num_workers=min(16, torch.multiprocessing.cpu_count())))
-    data_dir, vision, lm = prepare(root, size, n_records=20_000 if size == "base" else 400)
+    data_dir, vision, lm = prepare(root, size, n_records={"tiny": 400, "base": 20_000}.get(size, 2_000))
     tag = f"{cfg.phase}-u{cfg.pixel_unshuffle}-b{cfg.batch_size}" + ("-compiled" if cfg.compile else "")
     cfg = VLMConfig.from_dict({**cfg.to_dict(), "data_dir": data_dir, "vision_model": vision, "lm_model": lm,
                                "out_dir": str(root / "runs" / tag)})
@@ -211,6 +223,7 @@ def summarize(cfg, result, world):
 
 if __name__ == "__main__":
     argv, profile_at = pop_flag(sys.argv[1:], "--profile_at", "0")
+    argv, generate = pop_flag(argv, "--generate", "true")
     cfg = bench_config(argv)
     clock = StepClock() if torch.cuda.is_available() and cfg.device != "cpu" else None
     profiler = StepProfiler(int(profile_at)) if clock and int(profile_at) else None
@@ -218,5 +231,5 @@ if __name__ == "__main__":
     rank, world, _ = main.setup_distributed(cfg)
     if rank == 0:
         print("BENCH " + json.dumps({**summarize(cfg, result, world), **(clock.summary() if clock else {})}))
-        if clock:
+        if clock and generate == "true":
             print("GENERATE " + json.dumps(generation_speed(result["model"])))

@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# The README's benchmark table, one row per run: bash bench_all.sh [LOG_DIR]
-# Each row starts with an empty compile cache, so its start time is a cold start; the first row runs twice,
-# the second time on the cache the first one left (the warm start).
+# The README's benchmark tables: bash bench_all.sh [ROW...]   (logs in checkpoints/bench/logs; default: every row)
+# Each row starts with an empty compile cache, so its start time is a cold start; projector_warm reruns the
+# projector row on the cache it left (the warm start).
 set -u
-logs=${1:-checkpoints/bench/logs}; mkdir -p "$logs"
+logs=checkpoints/bench/logs; mkdir -p "$logs"
+rows=${*:-projector projector_warm eager tokens196 lora lora_vision batch256 phi2 phi2_ckpt phi3 phi3_ckpt}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python -c "import bench; bench.bench_config([])" > /dev/null  # build the backbones and the data set once
-row() {  # row NAME CACHE FLAGS...
+run() {  # run NAME CACHE FLAGS...
   name=$1 cache=$2; shift 2
   echo "=== $name: python bench.py $*"
   TORCHINDUCTOR_CACHE_DIR=$cache python bench.py "$@" > "$logs/$name.log" 2>&1 || echo "failed: see $logs/$name.log"
-  grep -E "^(BENCH|PROFILE|GENERATE)" "$logs/$name.log"
+  grep -oE "(BENCH|PROFILE|GENERATE) .*" "$logs/$name.log"  # (a progress bar may lead the line)
 }
 fresh() { rm -rf "$logs/cache_$1"; echo "$logs/cache_$1"; }
-row projector "$(fresh projector)" --max_steps 300 --profile_at 100
-row projector_warm "$logs/cache_projector" --max_steps 30
-row eager "$(fresh eager)" --compile false --max_steps 60
-row tokens196 "$(fresh tokens196)" --pixel_unshuffle 1 --max_steps 100
-row lora "$(fresh lora)" --phase lora --max_steps 100
-row lora_vision "$(fresh lora_vision)" --phase lora --lora_vision true --max_steps 100
-row batch256 "$(fresh batch256)" --batch_size 256 --max_steps 60
+big=(--phase lora --batch_size 16 --max_steps 20 --log_every 5 --compile false --generate false)  # eager: no compile wait
+for row in $rows; do
+  case $row in
+    projector)      run "$row" "$(fresh projector)" --max_steps 300 --profile_at 100 ;;
+    projector_warm) run "$row" "$logs/cache_projector" --max_steps 30 ;;
+    eager)          run "$row" "$(fresh "$row")" --compile false --max_steps 60 ;;
+    tokens196)      run "$row" "$(fresh "$row")" --pixel_unshuffle 1 --max_steps 100 ;;
+    lora)           run "$row" "$(fresh "$row")" --phase lora --max_steps 100 ;;
+    lora_vision)    run "$row" "$(fresh "$row")" --phase lora --lora_vision true --max_steps 100 ;;
+    batch256)       run "$row" "$(fresh "$row")" --batch_size 256 --max_steps 60 ;;
+    phi2)           run "$row" "$(fresh "$row")" --size clip-l-336+phi-2 "${big[@]}" ;;
+    phi2_ckpt)      run "$row" "$(fresh "$row")" --size clip-l-336+phi-2 "${big[@]}" --gradient_checkpointing true ;;
+    phi3)           run "$row" "$(fresh "$row")" --size clip-l-336+phi-3-mini "${big[@]}" ;;
+    phi3_ckpt)      run "$row" "$(fresh "$row")" --size clip-l-336+phi-3-mini "${big[@]}" --gradient_checkpointing true ;;
+    *) echo "unknown row $row" ;;
+  esac
+done

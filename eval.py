@@ -53,7 +53,7 @@ def eval_dataset(model, data_dir, split):
     records = load_records(Path(data_dir) / "chat.json")
     indices = split_indices(len(records), model.cfg.val_size, model.cfg.seed)[1] if split == "val" else range(len(records))
     return LlavaDataset(records, list(indices), ImageStore(data_dir), model.tokenizer, model.processor,
-                        model.n_image_tokens, model.cfg.max_text_tokens)
+                        model.n_image_tokens, model.cfg.max_text_tokens, model.cfg.image_fit)
 
 
 def evaluate(model, dataset, device, batch_size, num_workers, limit=0):

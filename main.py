@@ -133,13 +133,14 @@ def to_device(batch, device):
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, loader, device, autocast):
-    """Mean loss over the whole validation split (each rank its shard, summed across ranks)."""
+    """Mean loss over the whole validation split (each rank its shard, summed across ranks). It runs eager:
+    compiled layers would compile and record a second (no-grad) set of CUDA graphs for every length, for a
+    small share of the run's time, and interleave them with training's."""
     model.eval()
     loss_sum, n_tokens = torch.zeros((), device=device), 0
     for b in loader:
         if b["pixel_values"] is not None:
-            torch.compiler.cudagraph_mark_step_begin()
-            with autocast:
+            with autocast, torch.compiler.set_stance("force_eager"):
                 loss_sum += model(**to_device(b, device)).loss_sum
             n_tokens += b["n_label_tokens"]
     model.train()
@@ -198,7 +199,7 @@ def train(cfg: VLMConfig):
     forward = ddp or model
     if cfg.compile and device.type == "cuda":
         n_lengths = -(-(model.n_image_tokens + cfg.max_text_tokens) // cfg.pad_multiple)
-        model.compile_blocks(n_lengths, cuda_graphs=ddp is None)  # CUDA graphs untested under DDP (no multi-GPU machine)
+        model.compile_blocks(n_lengths, cuda_graphs=cfg.cuda_graphs and ddp is None)  # untested under DDP
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     steps = steps_of_micro_batches(train_loader, state["step"], steps_per_epoch, cfg.grad_accum)
@@ -232,7 +233,6 @@ def train(cfg: VLMConfig):
                         continue
                     if batch["pixel_values"] is None:  # the same, but the other ranks wait for this rank's backward
                         batch = filler_batch(train_loader.dataset, train_loader.collate_fn)
-                    torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs may now reuse the last forward's buffers
                     with ddp.no_sync() if ddp and i < len(batches) - 1 else nullcontext():
                         with autocast:
                             out = forward(**to_device(batch, device))

@@ -71,6 +71,7 @@ class VLMConfig:
     # --- system ---
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = True  # torch.compile on CUDA (not on the CPU); its cache: TORCHINDUCTOR_CACHE_DIR
+    cuda_graphs: bool = True  # compiled layers replay as CUDA graphs (one GPU; not under DDP); false: plain compile
     gradient_checkpointing: bool = False  # lora phase: recompute layer activations in backward (less memory)
     # --- logging, evaluation, checkpoints ---
     log_every: int = 10

@@ -166,7 +166,10 @@ class VLM(nn.Module):
     def forward(self, input_ids, pixel_values, labels=None, label_index=None):
         """input_ids [B, T] are right-padded: causal attention never looks at the padding after a sample, so no
         attention mask is passed (which keeps SDPA on its fastest, causal-only kernels). label_index: the flat
-        positions in [B * T] whose next token is trained (models.prompt.label_positions), from the collator."""
+        positions in [B * T] whose next token is trained (models.prompt.label_positions), from the collator.
+        Under compile_blocks' CUDA graphs, each forward starts a new step: the graphs may reuse the memory of the
+        previous forward's activations, so its backward must have run (or its outputs been read) by then."""
+        torch.compiler.cudagraph_mark_step_begin()
         embeds = self.embed(input_ids, pixel_values)
         hidden = self.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, T, D]
         head = self.lm.get_output_embeddings()

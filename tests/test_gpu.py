@@ -40,9 +40,22 @@ def test_compiled_is_close_to_eager(cuda_cfg, tiny_batch):
     batch = tiny_batch(model)
     eager = loss_of(model, batch)
     model.compile_blocks(n_lengths=4)
-    compiled = [loss_of(model, batch) for _ in range(3)]  # recorded, then replayed as a CUDA graph
+    compiled = [float(loss_of(model, batch)) for _ in range(3)]  # recorded, then replayed as a CUDA graph
+    eager = float(eager)
     for loss in compiled:
         assert abs(loss - eager) / eager < 1e-4, (compiled, eager)
+
+
+def test_compiled_training_evaluates_between_steps_like_eager(cuda_cfg):
+    """The default GPU run: compiled layers with CUDA graphs, validation every 2 steps in between (eager), and
+    lengths that vary from batch to batch. Losses as eager training's, within bf16's noise."""
+    def run(compile, out):
+        return main.train(dataclasses.replace(cuda_cfg, compile=compile, max_steps=6, eval_every=2, out_dir=str(out)))
+    compiled, eager = run(True, cuda_cfg.out_dir + "_compiled"), run(False, cuda_cfg.out_dir + "_eager")
+    assert [s for s, _ in compiled["losses"]] == [s for s, _ in eager["losses"]]
+    for (_, a), (_, b) in zip(compiled["losses"], eager["losses"]):
+        assert abs(a - b) / b < 2e-2, (compiled["losses"], eager["losses"])
+    assert abs(compiled["val_loss"] - eager["val_loss"]) / eager["val_loss"] < 2e-2
 
 
 def test_fused_adamw_skips_a_non_finite_step_on_cuda(cuda_cfg, monkeypatch, on_optimizer_step):

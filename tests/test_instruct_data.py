@@ -155,7 +155,13 @@ def test_ddp_ranks_with_and_without_images_in_a_step_train_together(tiny_cfg, in
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_blocks_on_cuda_train_on_mixed_and_image_free_batches(tiny_cfg, instruct, projector_checkpoint,
                                                                         tmp_path):
-    """compile_blocks (static shapes, CUDA graphs) meets batches of 0, 1 and 2 images, and matches eager on each."""
+    """Training with compile_blocks (static shapes, CUDA graphs) meets batches of 0, 1 and 2 images, and the
+    compiled layers match eager on each."""
+    flags = instruct_flags(instruct, projector_checkpoint, tmp_path / "cuda") + [
+        "--vision_model", tiny_cfg.vision_model, "--lm_model", tiny_cfg.lm_model, "--device", "cuda",
+        "--compile", "true", "--projector_hidden_dim", "64", "--num_workers", "1"]
+    out = main.main(flags)
+    assert out["step"] == 4 and all(torch.isfinite(torch.tensor(loss)) for _, loss in out["losses"])
     cfg = dataclasses.replace(tiny_cfg, phase="lora", init_from=str(projector_checkpoint), lora_vision=True,
                               device="cuda")
     eager = VLM.from_config(cfg).cuda().eval()
@@ -168,8 +174,4 @@ def test_compiled_blocks_on_cuda_train_on_mixed_and_image_free_batches(tiny_cfg,
         batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.no_grad():
             torch.testing.assert_close(loss_sum(compiled, batch), loss_sum(eager, batch), rtol=1e-4, atol=1e-4)
-    flags = instruct_flags(instruct, projector_checkpoint, tmp_path / "cuda") + [
-        "--vision_model", tiny_cfg.vision_model, "--lm_model", tiny_cfg.lm_model, "--device", "cuda",
-        "--compile", "true", "--projector_hidden_dim", "64", "--num_workers", "1"]
-    out = main.main(flags)
-    assert out["step"] == 4 and all(torch.isfinite(torch.tensor(loss)) for _, loss in out["losses"])
+

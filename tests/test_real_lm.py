@@ -115,7 +115,7 @@ def test_a_tokenizer_without_pad_token_pads_with_end_of_turn_and_padding_changes
     alone = sum(loss_sum(collate([s])) for s in (short, long))
     torch.testing.assert_close(loss_sum(batch), alone, rtol=1e-4, atol=1e-4)
     # padding to a multiple of 16 (few shapes to compile) changes the length, not the loss
-    bucketed = Collator(model.tokenizer.pad_token_id, pad_multiple=16)([short, long])
+    bucketed = Collator(model.tokenizer.pad_token_id, pixel_shape(model.processor), pad_multiple=16)([short, long])
     assert bucketed["input_ids"].shape[1] % 16 == 0 and bucketed["input_ids"].shape[1] >= len(long["input_ids"])
     torch.testing.assert_close(loss_sum(bucketed), alone, rtol=1e-4, atol=1e-4)
 
