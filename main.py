@@ -21,7 +21,7 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
+from contextlib import closing, nullcontext  # noqa: E402
 from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -102,8 +102,9 @@ def build_data(cfg, model, rank, world):
         return LlavaDataset(records, indices, images, model.tokenizer, model.processor,
                             model.n_image_tokens, cfg.max_text_tokens, cfg.image_fit)
 
-    loading = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                   pin_memory=torch.cuda.is_available(),
+    # Workers are not persistent: they live as long as an epoch's (or an evaluation's) iterator, so none outlive
+    # the run. Restarting them is a fork, a fraction of a second per epoch or evaluation.
+    loading = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                    collate_fn=Collator(model.tokenizer.pad_token_id, pixel_shape(model.processor), cfg.pad_multiple),
                    generator=torch.Generator())  # its own RNG: starting an epoch must not shift dropout's
     sampler = ShardedBatchSampler(len(train_idx), cfg.batch_size, rank, world, cfg.seed)
@@ -213,7 +214,8 @@ def train(cfg: VLMConfig):
                    f"image tokens, global batch {cfg.batch_size * cfg.grad_accum * world}, steps {state['step']}->{total}"
                    + (f", resumed from {resume_from}" if resume_from else ""))
     bar = tqdm(total=total, initial=state["step"], disable=rank != 0, dynamic_ncols=True, leave=False)
-    with bar, StopRequest() as stop:
+    # closing(steps): the data workers stop when training ends, not whenever the garbage collector finds them
+    with bar, StopRequest() as stop, closing(steps):
         while state["step"] < total:
             lr = scheduler.get_last_lr()[0]  # this step's learning rate (the scheduler steps after it)
             t0 = time.perf_counter()
