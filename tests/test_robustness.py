@@ -667,4 +667,5 @@ def test_ddp_rank_failure_ends_every_rank_without_a_hang(tiny_cfg, tmp_path, lau
         codes = dict(re.findall(r"rank\s*: (\d) .*\n\s*exitcode\s*: (-?\d+)", out.stderr))  # its summary
         assert codes.keys() == {"0", "1"} and "0" not in codes.values(), out.stderr[-3000:]
     assert "simulated failure at (1, 2)" in (tmp_path / "rank1.txt").read_text()
-    assert "RuntimeError" in (tmp_path / "rank0.txt").read_text()  # an error of its own, not a kill
+    if launcher == "processes":  # under torchrun the agent may stop rank 0 before its own error: both are fine
+        assert "RuntimeError" in (tmp_path / "rank0.txt").read_text()  # an error of its own, not a kill
