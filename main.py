@@ -209,6 +209,7 @@ def train(cfg: VLMConfig):
     bad_total, bad_streak = torch.tensor(state["bad_steps"], device=device), torch.tensor(state["bad_in_a_row"], device=device)
     worst_streak, loss_sum, loss_tokens = bad_streak.clone(), torch.zeros((), device=device), torch.zeros((), device=device)
     meter, reporter = Meter(model, device, world), Reporter(cfg, rank, state["step"])
+    seen, skipped = tally.seen, tally.skipped  # summed over ranks at each log line
     result = {"losses": [], "stats": [], "val_loss": None, "caption_scores": None, "checkpoint": resume_from}
     reporter.print(f"phase {cfg.phase}: {sum(p.numel() for p in params):,} trainable parameters, {model.n_image_tokens} "
                    f"image tokens, global batch {cfg.batch_size * cfg.grad_accum * world}, steps {state['step']}->{total}"
@@ -264,7 +265,7 @@ def train(cfg: VLMConfig):
                 state["bad_steps"], state["bad_in_a_row"], worst = torch.stack([bad_total, bad_streak, worst_streak]).tolist()
                 follow_applied_steps(scheduler, step - state["bad_steps"])
                 loss_sum, loss_tokens, worst_streak = torch.zeros_like(loss_sum), torch.zeros_like(loss_tokens), bad_streak.clone()
-                _, skipped = skips_over_ranks(tally)
+                seen, skipped = skips_over_ranks(tally)
                 result["losses"].append((step, loss))
                 result["stats"].append(stats)
                 reporter.print(step_line(step, total, lr, loss, stats, sum(skipped.values())))
@@ -298,8 +299,7 @@ def train(cfg: VLMConfig):
             if stopping:
                 break
     reporter.close()
-    seen, skipped = skips_over_ranks(tally)
-    if skipped:
+    if skipped:  # as of the last log line (the last step always logs; a stop request may come between)
         reporter.print(f"skipped {sum(skipped.values())} of {seen} samples: {dict(skipped)}")
     return {**result, "model": model, "step": state["step"], "skipped": dict(skipped)}
 
