@@ -35,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 import checkpoint  # noqa: E402
 from data.download import DataError, ensure_dataset  # noqa: E402
 from data.llava import (Collator, ImageStore, LlavaDataset, ShardedBatchSampler, SkipTally,  # noqa: E402
-                        filler_batch, load_records, pixel_shape, split_indices, steps_of_micro_batches)
+                        filler_batch, load_records, split_indices, steps_of_micro_batches)
 from models.vlm import VLM, check_shapes  # noqa: E402
 from report import Reporter, caption_metrics, sample_captions, step_line  # noqa: E402
 from throughput import Meter  # noqa: E402
@@ -105,7 +105,7 @@ def build_data(cfg, model, rank, world):
     # Workers are not persistent: they live as long as an epoch's (or an evaluation's) iterator, so none outlive
     # the run. Restarting them is a fork, a fraction of a second per epoch or evaluation.
     loading = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                   collate_fn=Collator(model.tokenizer.pad_token_id, pixel_shape(model.processor), cfg.pad_multiple),
+                   collate_fn=Collator(model.tokenizer.pad_token_id, model.vision.pixel_shape, cfg.pad_multiple),
                    generator=torch.Generator())  # its own RNG: starting an epoch must not shift dropout's
     sampler = ShardedBatchSampler(len(train_idx), cfg.batch_size, rank, world, cfg.seed)
     train_loader = DataLoader(dataset(train_idx), batch_sampler=sampler, **loading)
@@ -133,6 +133,7 @@ def to_device(batch, device):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")
 def evaluate(model, loader, device, autocast):
     """Mean loss over the whole validation split (each rank its shard, summed across ranks). It runs eager:
     compiled layers would compile and record a second (no-grad) set of CUDA graphs for every length, for a
@@ -141,7 +142,7 @@ def evaluate(model, loader, device, autocast):
     loss_sum, n_tokens = torch.zeros((), device=device), 0
     for b in loader:
         if b["pixel_values"] is not None:
-            with autocast, torch.compiler.set_stance("force_eager"):
+            with autocast:
                 loss_sum += model(**to_device(b, device)).loss_sum
             n_tokens += b["n_label_tokens"]
     model.train()

@@ -144,11 +144,6 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise SampleError("bad_text", "text that cannot be encoded") from None
 
 
-def pixel_shape(processor):
-    """[3, H, W]: the shape of the pixels `processor` makes (a blank image through it)."""
-    return tuple(image_pixels(processor, [Image.new("RGB", (64, 64))]).shape[1:])
-
-
 class Collator:
     """Pads a batch (right padding) to its longest sample, rounded up to a multiple of pad_multiple, and drops
     skipped records, counting them. Rounding leaves a handful of distinct lengths: compiled kernels (and CUDA

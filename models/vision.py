@@ -103,6 +103,7 @@ class VisionTowers(nn.Module):
         self.towers = nn.ModuleList(towers)
         self.sides = [processed_side(p, n) for p, n in zip(processors, names)]
         self.image_side = self.sides[0]  # the pixels' side: the first tower's processor makes them
+        self.pixel_shape = (3, self.image_side, self.image_side)  # of each uint8 image it takes
         self.n_patches = (self.sides[0] // towers[0].config.patch_size) ** 2
         self.hidden_size = sum(t.config.hidden_size for t in towers)
         scales, shifts = zip(*(pixel_normalization(p) for p in processors))

@@ -119,11 +119,11 @@ class VLM(nn.Module):
         graph, so a cold start compiles a handful of small graphs instead of one huge one. Shapes are static
         (the collator pads lengths to a multiple of pad_multiple, so a few lengths recur), which lets each
         layer replay as a CUDA graph: one launch instead of dozens of kernels, the bound of this small model.
-        On one H100 (bench.py, pad_multiple 8): 2,163 samples/s with CUDA graphs; at pad_multiple 16, 2,095 with
+        On one H100 (bench.py, pad_multiple 8): 2,275 samples/s with CUDA graphs; at pad_multiple 16, 2,095 with
         CUDA graphs, 1,511 without; dynamic-shape layers without CUDA graphs 1,686.
-        n_lengths: how many padded lengths batches can have. Each is compiled once for training and once for
-        evaluation (no grad), plus a short last batch; past torch's recompile limit (8) a layer would quietly
-        fall back to eager, so the limit is raised to cover them all."""
+        n_lengths: how many padded lengths batches can have. A layer compiles once per length and batch size met
+        (a short last batch, a blank image for a text-only batch); past torch's recompile limit (8) it would
+        quietly fall back to eager, so the limit is raised to 4 per length. Validation and generation run eager."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * n_lengths)
         mode = "reduce-overhead" if cuda_graphs else "default"
         vision_layers = [layer for tower in self.vision.towers for layer in encoder_layers(tower)]

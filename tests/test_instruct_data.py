@@ -11,7 +11,7 @@ import torch
 
 import main
 from conftest import REPO, cli_args
-from data.llava import Collator, ImageStore, LlavaDataset, load_records, pixel_shape
+from data.llava import Collator, ImageStore, LlavaDataset, load_records
 from data.shapes import draw
 from models.config import VLMConfig
 from models.prompt import IGNORE, SampleError, encode
@@ -72,7 +72,7 @@ def test_image_and_text_only_records_train_every_reply(lora_model, instruct):
     assert trained_text(tok, image) == f"a red circle .{eot}at the center .{eot}"
     assert trained_text(tok, text) == f"yellow .{eot}green .{eot}"
     assert (image["input_ids"] == lora_model.image_token_id).sum() == lora_model.n_image_tokens
-    assert image["pixel_values"].shape == pixel_shape(lora_model.processor)
+    assert image["pixel_values"].shape == lora_model.vision.pixel_shape
     assert "pixel_values" not in text and (text["input_ids"] != lora_model.image_token_id).all()
 
 
@@ -89,7 +89,7 @@ def loss_sum(model, batch):
 
 def test_a_mixed_batch_is_its_samples_side_by_side(lora_model, instruct):
     """Images land in their own rows: the loss of [text, image, text] is the sum of each sample's alone."""
-    collate = Collator(lora_model.tokenizer.pad_token_id, pixel_shape(lora_model.processor))
+    collate = Collator(lora_model.tokenizer.pad_token_id, lora_model.vision.pixel_shape)
     batch_samples = samples(lora_model, instruct, [1, 2, 3])
     with torch.no_grad():
         together = loss_sum(lora_model, collate(batch_samples))
@@ -100,9 +100,9 @@ def test_a_mixed_batch_is_its_samples_side_by_side(lora_model, instruct):
 def test_a_batch_without_images_sends_every_trainable_parameter_through_backward(lora_model, instruct):
     """DDP waits for a gradient of every trainable parameter: the tower and projector run on no image and give
     zeros, the LM's adapters learn."""
-    batch = Collator(lora_model.tokenizer.pad_token_id, pixel_shape(lora_model.processor))(
+    batch = Collator(lora_model.tokenizer.pad_token_id, lora_model.vision.pixel_shape)(
         samples(lora_model, instruct, [1, 3]))
-    assert batch["pixel_values"].shape == (0, *pixel_shape(lora_model.processor))
+    assert batch["pixel_values"].shape == (0, *lora_model.vision.pixel_shape)
     loss_sum(lora_model, batch).backward()
     grads = {n: p.grad for n, p in lora_model.named_parameters() if p.requires_grad}
     assert all(g is not None for g in grads.values())
@@ -168,7 +168,7 @@ def test_compiled_blocks_on_cuda_train_on_mixed_and_image_free_batches(tiny_cfg,
     compiled = VLM.from_config(cfg).cuda().eval()
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_blocks(n_lengths=4)
-    collate = Collator(eager.tokenizer.pad_token_id, pixel_shape(eager.processor))
+    collate = Collator(eager.tokenizer.pad_token_id, eager.vision.pixel_shape)
     for indices in ([1, 3], [0, 1, 3], [0, 2]):  # no image, one of three, two of two
         batch = collate(samples(eager, instruct, indices))
         batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 import main
 from checkpoint import load_model
-from data.llava import Collator, ImageStore, LlavaDataset, load_records, pixel_shape
+from data.llava import Collator, ImageStore, LlavaDataset, load_records
 from data.shapes import draw
 from models.config import VLMConfig
 from models.prompt import IGNORE, IMAGE_TOKEN, add_image_token, encode, encode_prompt
@@ -105,7 +105,7 @@ def test_a_tokenizer_without_pad_token_pads_with_end_of_turn_and_padding_changes
     samples = sorted((data[i] for i in range(len(data))), key=lambda s: len(s["input_ids"]))
     short, long = samples[0], samples[-1]
     assert len(short["input_ids"]) < len(long["input_ids"])
-    collate = Collator(model.tokenizer.pad_token_id, pixel_shape(model.processor))
+    collate = Collator(model.tokenizer.pad_token_id, model.vision.pixel_shape)
     batch = collate([short, long])
     assert (batch["input_ids"][0, len(short["input_ids"]):] == model.tokenizer.eos_token_id).all()
 
@@ -115,7 +115,7 @@ def test_a_tokenizer_without_pad_token_pads_with_end_of_turn_and_padding_changes
     alone = sum(loss_sum(collate([s])) for s in (short, long))
     torch.testing.assert_close(loss_sum(batch), alone, rtol=1e-4, atol=1e-4)
     # padding to a multiple of 16 (few shapes to compile) changes the length, not the loss
-    bucketed = Collator(model.tokenizer.pad_token_id, pixel_shape(model.processor), pad_multiple=16)([short, long])
+    bucketed = Collator(model.tokenizer.pad_token_id, model.vision.pixel_shape, pad_multiple=16)([short, long])
     assert bucketed["input_ids"].shape[1] % 16 == 0 and bucketed["input_ids"].shape[1] >= len(long["input_ids"])
     torch.testing.assert_close(loss_sum(bucketed), alone, rtol=1e-4, atol=1e-4)
 
