@@ -135,12 +135,13 @@ class StepClock:
             self.start_s = seconds_since_process_start()
 
     def summary(self, warmup=10):
-        """Start-up time; median and slowest step after `warmup` steps, and how many took over 2x the median."""
+        """Start-up time; median and slowest step after `warmup` steps, and which took over 2x the median."""
         torch.cuda.synchronize()
-        ms = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])][warmup:]
-        median = statistics.median(ms)
-        return {"start_s": self.start_s, "step_ms_median": median, "step_ms_max": max(ms),
-                "steps_over_2x_median": sum(m > 2 * median for m in ms), "steps_timed": len(ms)}
+        ms = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]  # ms[i]: step i + 2
+        median = statistics.median(ms[warmup:])
+        slow = {step: round(m) for step, m in enumerate(ms, start=2) if step > warmup + 1 and m > 2 * median}
+        return {"start_s": self.start_s, "step_ms_median": median, "step_ms_max": max(ms[warmup:]),
+                "steps_over_2x_median": len(slow), "slow_steps_ms": slow, "steps_timed": len(ms) - warmup}
 
 
 class StepProfiler:

@@ -3,7 +3,7 @@
 # Each row starts with an empty compile cache, so its start time is a cold start; projector_warm reruns the
 # projector row on the cache it left (the warm start).
 set -u
-logs=checkpoints/bench/logs; mkdir -p "$logs"
+logs=$PWD/checkpoints/bench/logs; mkdir -p "$logs"  # absolute: Inductor runs its C++ compiler from elsewhere
 rows=${*:-projector projector_warm eager tokens196 lora lora_vision batch256 phi2 phi2_ckpt phi3 phi3_ckpt}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -204,6 +204,8 @@ def train(cfg: VLMConfig):
         model.compile_blocks(n_lengths, cuda_graphs=cfg.cuda_graphs and ddp is None)  # untested under DDP
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # fixed gradient buffers, zeroed after each step: a CUDA-graphed backward writes its outputs
+        p.grad = torch.zeros_like(p)  # to memory that the next micro-batch's replay reuses (grad_accum > 1)
     steps = steps_of_micro_batches(train_loader, state["step"], steps_per_epoch, cfg.grad_accum)
     tally, min_seen = SkipTally(**state["data"]), min(100, len(train_loader.batch_sampler) * cfg.batch_size)
     # non-finite steps and the logged loss are summed on the device and read at log lines: no sync per step
@@ -250,7 +252,7 @@ def train(cfg: VLMConfig):
                 raise RuntimeError(f"CUDA out of memory at batch_size={cfg.batch_size}: lower --batch_size and raise "
                                    "--grad_accum by the same factor (the global batch stays the same)") from None
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)
             state["step"] += 1
             step, done = state["step"], state["step"] == total
             bar.update()

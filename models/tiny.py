@@ -149,7 +149,9 @@ def build_lm(out_dir, corpus, family="llama", chat_template=True, pad_token=True
     """Write out_dir: a random causal LM of `family` (FAMILIES) shaped as SIZES[size], with its tokenizer.
     chat_template=False / pad_token=False take them away, as a base LM or a GGUF conversion lacks them.
     The weights come from torch's global RNG: seed it first for the same LM twice."""
-    tokenizer = build_tokenizer(corpus, family)
+    # A vocabulary as large as the LM's lets BPE merge every word of the corpus into one token, as the real
+    # tokenizers do: the benchmark's sequences are then as long as real ones (a 512-token BPE made them 26% longer)
+    tokenizer = build_tokenizer(corpus, family, vocab_size=SIZES[size][1].get("vocab_size", 512))
     if not chat_template:
         tokenizer.chat_template = None
     if not pad_token:

@@ -47,10 +47,12 @@ def test_compiled_is_close_to_eager(cuda_cfg, tiny_batch):
 
 
 def test_compiled_training_evaluates_between_steps_like_eager(cuda_cfg):
-    """The default GPU run: compiled layers with CUDA graphs, validation every 2 steps in between (eager), and
-    lengths that vary from batch to batch. Losses as eager training's, within bf16's noise."""
+    """The default GPU run: compiled layers with CUDA graphs, 2 micro-batches a step (the default grad_accum: each
+    replay reuses the memory of the one before, gradients included), validation every 2 steps in between (eager),
+    and lengths that vary from batch to batch. Losses as eager training's, within bf16's noise."""
     def run(compile, out):
-        return main.train(dataclasses.replace(cuda_cfg, compile=compile, max_steps=6, eval_every=2, out_dir=str(out)))
+        return main.train(dataclasses.replace(cuda_cfg, compile=compile, max_steps=6, eval_every=2, batch_size=4,
+                                              grad_accum=2, out_dir=str(out)))
     compiled, eager = run(True, cuda_cfg.out_dir + "_compiled"), run(False, cuda_cfg.out_dir + "_eager")
     assert [s for s, _ in compiled["losses"]] == [s for s, _ in eager["losses"]]
     for (_, a), (_, b) in zip(compiled["losses"], eager["losses"]):

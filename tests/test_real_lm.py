@@ -11,14 +11,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+import bench
 import main
 from checkpoint import load_model
 from data.llava import Collator, ImageStore, LlavaDataset, load_records
 from data.shapes import draw
 from models.config import VLMConfig
-from models.prompt import IGNORE, IMAGE_TOKEN, add_image_token, encode, encode_prompt
+from models.prompt import IGNORE, IMAGE_TOKEN, add_image_token, encode, encode_prompt, prepare_tokenizer, to_messages
 from models.smollm2 import smollm2_dir
-from models.tiny import CHAT_TEMPLATE
+from models.tiny import CHAT_TEMPLATE, SIZES, build_tokenizer
 from models.vision import image_pixels
 from models.vlm import VLM
 
@@ -96,6 +97,21 @@ def test_the_generation_prompt_is_the_training_prompt_up_to_the_assistant_header
 
 
 # ============================================================================ a tokenizer without a pad token
+def test_the_benchmarks_stand_in_tokenizer_makes_sequences_as_long_as_smollm2s(tmp_path, real_lm):
+    """bench.py measures random backbones with a BPE trained on its captions: its samples must be as long as the
+    real tokenizer makes them (a 512-token BPE made them 26% longer, so the benchmark ran a heavier load)."""
+    corpus = bench.make_cc3m_like(tmp_path, n=500, distinct=2)
+    records = json.loads((tmp_path / "chat.json").read_text())
+
+    def lengths(tokenizer):
+        prepare_tokenizer(tokenizer)
+        return [len(encode(tokenizer, to_messages(r["conversations"]), N_IMAGE)[0]) for r in records]
+    stand_in = lengths(build_tokenizer(corpus, vocab_size=SIZES["base"][1]["vocab_size"]))
+    real = lengths(AutoTokenizer.from_pretrained(real_lm.lm))
+    assert abs(sum(stand_in) / sum(real) - 1) < 0.02, (sum(stand_in) / len(records), sum(real) / len(records))
+    assert abs(max(stand_in) - max(real)) <= 4 and abs(min(stand_in) - min(real)) <= 4
+
+
 def test_a_tokenizer_without_pad_token_pads_with_end_of_turn_and_padding_changes_no_loss(real_lm, tiny_assets):
     assert AutoTokenizer.from_pretrained(real_lm.no_pad).pad_token is None
     model = VLM.from_config(real_cfg(tiny_assets, real_lm.no_pad, "unused")).eval()
