@@ -121,7 +121,7 @@ class VLM(nn.Module):
         the bound of this small model. The towers' and projector's shapes are fixed; the LM's length varies by
         batch (the collator pads it to a multiple of pad_multiple). Its layers compile for the first length, and
         once more, with the length symbolic, at the second (torch's automatic dynamic shapes): later lengths only
-        record a new CUDA graph, a fraction of a second, instead of compiling again.
+        record a new CUDA graph instead of compiling again.
         On one H100 (bench.py, projector phase): about 2,550 samples/s either way (2,556 static, 2,607 with the
         symbolic length, one machine); a symbolic length from the start (dynamic=True) compiled for over 100 s.
         n_lengths: how many padded lengths batches can have. A layer compiles per batch size met (a short last

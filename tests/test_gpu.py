@@ -47,9 +47,9 @@ def test_compiled_is_close_to_eager(cuda_cfg, tiny_batch):
 
 
 def test_compiled_training_evaluates_between_steps_like_eager(cuda_cfg):
-    """The default GPU run: compiled layers with CUDA graphs, 2 micro-batches a step (the default grad_accum: each
-    replay reuses the memory of the one before, gradients included), validation every 2 steps in between (eager),
-    and lengths that vary from batch to batch. Losses as eager training's, within bf16's noise."""
+    """The default GPU run: compiled layers with CUDA graphs, validation every 2 steps in between (eager), and
+    lengths that vary from batch to batch; with 2 micro-batches a step, as on a smaller GPU (each replay reuses
+    the memory of the one before, gradients included). Losses as eager training's, within bf16's noise."""
     def run(compile, out):
         return main.train(dataclasses.replace(cuda_cfg, compile=compile, max_steps=6, eval_every=2, batch_size=4,
                                               grad_accum=2, out_dir=str(out)))

@@ -96,7 +96,7 @@ def test_the_generation_prompt_is_the_training_prompt_up_to_the_assistant_header
     assert tok.decode(generation) == text.replace(IMAGE_TOKEN, IMAGE_TOKEN * N_IMAGE)
 
 
-# ============================================================================ a tokenizer without a pad token
+# ============================================================================ the benchmark's stand-in tokenizer
 def test_the_benchmarks_stand_in_tokenizer_makes_sequences_as_long_as_smollm2s(tmp_path, real_lm):
     """bench.py measures random backbones with a BPE trained on its captions: its samples must be as long as the
     real tokenizer makes them (a 512-token BPE made them 26% longer, so the benchmark ran a heavier load)."""
@@ -112,6 +112,7 @@ def test_the_benchmarks_stand_in_tokenizer_makes_sequences_as_long_as_smollm2s(t
     assert abs(max(stand_in) - max(real)) <= 4 and abs(min(stand_in) - min(real)) <= 4
 
 
+# ============================================================================ a tokenizer without a pad token
 def test_a_tokenizer_without_pad_token_pads_with_end_of_turn_and_padding_changes_no_loss(real_lm, tiny_assets):
     assert AutoTokenizer.from_pretrained(real_lm.no_pad).pad_token is None
     model = VLM.from_config(real_cfg(tiny_assets, real_lm.no_pad, "unused")).eval()
