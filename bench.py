@@ -134,14 +134,16 @@ class StepClock:
             event.synchronize()
             self.start_s = seconds_since_process_start()
 
-    def summary(self, warmup=10):
-        """Start-up time; median and slowest step after `warmup` steps, and which took over 2x the median."""
+    def summary(self, warmup=10, profiled=()):
+        """Start-up time; median and slowest step after `warmup` steps, and which took over 2x the median.
+        `profiled`: the steps the profiler slowed (its start and end), left out."""
         torch.cuda.synchronize()
         ms = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]  # ms[i]: step i + 2
-        median = statistics.median(ms[warmup:])
-        slow = {step: round(m) for step, m in enumerate(ms, start=2) if step > warmup + 1 and m > 2 * median}
-        return {"start_s": self.start_s, "step_ms_median": median, "step_ms_max": max(ms[warmup:]),
-                "steps_over_2x_median": len(slow), "slow_steps_ms": slow, "steps_timed": len(ms) - warmup}
+        ms = {step: m for step, m in enumerate(ms, start=2) if step > warmup + 1 and step not in profiled}
+        median = statistics.median(ms.values())
+        slow = {step: round(m) for step, m in ms.items() if m > 2 * median}
+        return {"start_s": self.start_s, "step_ms_median": median, "step_ms_max": max(ms.values()),
+                "steps_over_2x_median": len(slow), "slow_steps_ms": slow, "steps_timed": len(ms)}
 
 
 class StepProfiler:
@@ -150,6 +152,7 @@ class StepProfiler:
 
     def __init__(self, start=100, n=8):
         self.start, self.n, self.step, self.prof = start, n, 0, None
+        self.slowed = (start + 1, start + n + 1)  # the steps holding its start and its end (StepClock's numbering)
         self.hook = register_optimizer_step_post_hook(self.tick)
 
     def tick(self, optimizer, args, kwargs):
@@ -231,6 +234,7 @@ if __name__ == "__main__":
     result = main.train(cfg)
     rank, world, _ = main.setup_distributed(cfg)
     if rank == 0:
-        print("BENCH " + json.dumps({**summarize(cfg, result, world), **(clock.summary() if clock else {})}))
+        steps = clock.summary(profiled=profiler.slowed if profiler else ()) if clock else {}
+        print("BENCH " + json.dumps({**summarize(cfg, result, world), **steps}))
         if clock and generate == "true":
             print("GENERATE " + json.dumps(generation_speed(result["model"])))

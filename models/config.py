@@ -52,7 +52,7 @@ class VLMConfig:
     val_size: int = 1000  # held-out records (chosen by seed, not by position)
     num_workers: int = 8
     max_bad_fraction: float = 0.05  # stop if more than this fraction of samples turn out unusable
-    pad_multiple: int = 8  # pad each batch's length up to a multiple of this: few distinct shapes to compile
+    pad_multiple: int = 64  # pad each batch's length up to a multiple of this: one or two shapes to compile
 
     # --- optimisation ---
     batch_size: int = 128  # per device, per micro-step (one H100: 6 GiB projector phase, 13 GiB LoRA)

@@ -5,14 +5,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from models.config import ConfigError, VLMConfig
 from models.hub import from_hub
 from models.lora import apply_lora, linear_names
 from models.projector import Projector
 from models.prompt import DEFAULT_PROMPT, IMAGE_TOKEN, encode_prompt, end_of_turn_id, label_positions, prepare_tokenizer
-from models.vision import encoder_layers, load_vision, n_image_tokens, tower_class, tower_names, vision_config
+from models.vision import load_vision, n_image_tokens, tower_class, tower_names, vision_config
 
 
 def _check_targets(field, targets, model):
@@ -45,6 +46,14 @@ def check_shapes(cfg: VLMConfig):
                            nn.ModuleList(tower_class(c)(c) for c in vision_configs))
 
 
+# The LM never needs an attention mask: training's batches are right-padded (causal attention never looks at the
+# padding after a sample) and generation's hold one unpadded prompt. Under a name of its own, SDPA gets none,
+# which keeps it on its causal flash kernels, and transformers skips building one: for an unmasked batch it
+# reads the GPU to look for packed sequences, which makes the host wait every forward.
+CAUSAL_SDPA = "causal_sdpa"
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+
+
 @dataclass
 class VLMOutput:
     loss: torch.Tensor = None      # mean over label tokens
@@ -60,6 +69,8 @@ class VLM(nn.Module):
         self.cfg = cfg
         self.vision = vision  # models.vision.VisionTowers: uint8 pixels -> patch features, cut at the feature layer
         self.lm = lm
+        if lm.config._attn_implementation == "sdpa":  # the default; any other the user chose stays
+            lm.set_attn_implementation(CAUSAL_SDPA)
         self.processor, self.tokenizer = processor, tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)  # never embedded: image features go there
         self.end_of_turn_id = end_of_turn_id(tokenizer)  # where generation stops, as training's labels do
@@ -115,47 +126,44 @@ class VLM(nn.Module):
                 tower.gradient_checkpointing_enable(**kw)
 
     def compile_blocks(self, n_lengths, cuda_graphs=True):
-        """torch.compile each transformer layer, not the whole model: the layers of a tower share one compiled
-        graph, so a cold start compiles a handful of small graphs instead of one huge one (the whole LM compiled
-        for over 100 s on an H100). Each layer replays as a CUDA graph: one launch instead of dozens of kernels,
-        the bound of this small model. The towers' and projector's shapes are fixed; the LM's length varies by
-        batch (the collator pads it to a multiple of pad_multiple). Its layers compile for the first length, and
-        once more, with the length symbolic, at the second (torch's automatic dynamic shapes): later lengths only
-        record a new CUDA graph instead of compiling again.
-        On one H100 (bench.py, projector phase): about 2,550 samples/s either way (2,556 static, 2,607 with the
-        symbolic length, one machine); a symbolic length from the start (dynamic=True) compiled for over 100 s.
-        n_lengths: how many padded lengths batches can have. A layer compiles per batch size met (a short last
+        """torch.compile the vision tower(s), the projector and each LM layer, for static shapes, each replayed as a
+        CUDA graph: one launch instead of dozens of kernels, which bounds this small model.
+        Each LM layer is compiled, not the whole LM: the layers share one compiled graph, so a cold start compiles
+        a few small graphs (with SmolLM2 as one graph, a cold start took 92-105 s on an H100 instead of 50-75, and
+        ran no faster). The tower runs as one graph: 12 fewer graph launches for the host to queue (25 instead of 33 ms a
+        step, 3,064 instead of 2,997 samples/s on one H100). The collator pads each batch to a multiple of
+        pad_multiple, so the LM meets one or two lengths: each compiles once, in about 2 s.
+        n_lengths: how many padded lengths batches can have. A block compiles per batch size met (a short last
         batch, a blank image for a text-only batch); past torch's recompile limit (8) it would quietly fall back
         to eager, so the limit is raised to 4 per length. Validation and generation run eager."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * n_lengths)
         mode = "reduce-overhead" if cuda_graphs else "default"
-        for layer in self.lm.base_model.layers:
-            layer.compile(dynamic=None, mode=mode)  # None: static, until a second length makes it symbolic
-        vision_layers = [layer for tower in self.vision.towers for layer in encoder_layers(tower)]
-        for block in [*vision_layers, self.projector]:
+        for block in [self.vision, self.projector, *self.lm.base_model.layers]:
             block.compile(dynamic=False, mode=mode)
 
     # --- forward ---
     def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8, B may be 0
-        n = len(pixel_values)
-        # A batch of text-only samples has no image, yet the tower and projector still run (on one blank image,
-        # dropped at the end: the tower's reshapes need a batch), so every trainable weight gets a (zero)
-        # gradient, as DDP needs.
-        if n == 0:
+        """[B, n_image_tokens, D]; for B = 0, the features of one blank image that embed places nowhere. The
+        tower and projector still run on it, so every trainable weight gets a (zero) gradient, as DDP needs."""
+        if len(pixel_values) == 0:  # the tower's reshapes need a batch
             pixel_values = pixel_values.new_zeros(1, *pixel_values.shape[1:])
         with torch.set_grad_enabled(self.cfg.lora_vision and torch.is_grad_enabled()):
             feats = self.vision(pixel_values)                   # [B, N, Dv]
-        return self.projector(feats)[:n]                        # [B, n_image_tokens, D]
+        return self.projector(feats)
 
     def embed(self, input_ids, pixel_values):
         """pixel_values [B_img, 3, H, W] are the images of the rows that hold image positions, in row order
-        (text-only rows have none; B_img may be 0, and the tower and projector still run, on no image)."""
+        (text-only rows have none; B_img may be 0)."""
         is_image = input_ids == self.image_token_id             # [B, T]
         if not torch.compiler.is_compiling():  # the data path guarantees it; a hand-built batch may not
             self.check_image_positions(is_image, len(pixel_values))
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # [B, T, D]
-        image = self.encode_images(pixel_values).to(embeds.dtype)  # [B_img, n_image_tokens, D]
-        return embeds.masked_scatter(is_image.unsqueeze(-1), image)
+        image = self.encode_images(pixel_values).to(embeds.dtype).flatten(0, 1)  # [B_img * n_image_tokens, D]
+        # The k-th image position takes the k-th image feature row: gathered by a running count, not by
+        # masked_scatter, whose backward (masked_select) makes the host wait for the GPU every step.
+        is_image = is_image.flatten()                             # [B*T]
+        row = (is_image.cumsum(0) - 1).clamp(min=0)               # text positions gather row 0, then drop it
+        return torch.where(is_image.unsqueeze(-1), image[row], embeds.flatten(0, 1)).view_as(embeds)
 
     def check_image_positions(self, is_image, n_images):
         counts = is_image.sum(1)

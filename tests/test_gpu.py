@@ -60,6 +60,26 @@ def test_compiled_training_evaluates_between_steps_like_eager(cuda_cfg):
     assert abs(compiled["val_loss"] - eager["val_loss"]) / eager["val_loss"] < 2e-2
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_training_steps_never_make_the_host_wait_for_the_gpu(cuda_cfg, on_optimizer_step, compile):
+    """Between log lines the host only queues work: a sync would leave the GPU idle while the host catches up.
+    CUDA's sync check is set to raise from the end of step 3 (compiled layers have recorded their CUDA graphs
+    by then, which syncs; one padded length, so there is no new one to record) to the end of step 6, before
+    its log line reads the loss."""
+    steps = []
+
+    def watch(optimizer):
+        steps.append(len(steps) + 1)
+        torch.cuda.set_sync_debug_mode("error" if 3 <= len(steps) < 6 else "default")
+    on_optimizer_step(watch, when="after")
+    try:
+        result = main.train(dataclasses.replace(cuda_cfg, compile=compile, max_steps=6, log_every=10**9,
+                                                batch_size=4, pad_multiple=64))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert steps == [1, 2, 3, 4, 5, 6] and result["step"] == 6
+
+
 def test_fused_adamw_skips_a_non_finite_step_on_cuda(cuda_cfg, monkeypatch, on_optimizer_step):
     on_projector_forward(monkeypatch, lambda call, out: out * float("nan") if call == 2 else out)
     steps = spy_optimizer_steps(on_optimizer_step)
