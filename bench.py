@@ -173,9 +173,9 @@ class StepProfiler:
 
 
 def greedy_without_cache(model, pixel_values, max_new_tokens):
-    """Greedy decoding without a KV cache, the baseline of the cache (and its test): every step runs the whole sequence through the model (no KV cache), then cuts each row at
-    its end-of-turn. (transformers' generate cannot serve: from inputs_embeds it decodes with the cache whatever
-    use_cache says.)"""
+    """Greedy decoding without a KV cache, the baseline of the cache (and its test): every step runs the whole
+    sequence through the model, then each row is cut at its end-of-turn. (transformers' generate cannot serve:
+    from inputs_embeds it decodes with the cache whatever use_cache says.)"""
     ids = torch.tensor([encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * len(pixel_values),
                        device=pixel_values.device)
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=ids.is_cuda), \
