@@ -55,7 +55,7 @@ class VLMConfig:
     pad_multiple: int = 64  # pad each batch's length up to a multiple of this: one or two shapes to compile
 
     # --- optimisation ---
-    batch_size: int = 128  # per device, per micro-step (one H100: 6 GiB projector phase, 13 GiB LoRA)
+    batch_size: int = 128  # per device, per micro-step (one H100: 7 GiB projector phase, 14 GiB LoRA)
     grad_accum: int = 1  # global batch = batch_size * grad_accum * world size; a smaller GPU: 64 x 2 (same result)
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
