@@ -88,6 +88,8 @@ def build_model(cfg, device, resuming):
     model.to(device)
     if device.type == "cuda":
         model.cast_frozen(torch.bfloat16)
+    if cfg.liger:  # (validate ruled out --compile with it; train, the CPU)
+        model.use_liger_kernels()
     return model
 
 
@@ -102,8 +104,8 @@ def build_data(cfg, model, rank, world):
         return LlavaDataset(records, indices, images, model.tokenizer, model.processor,
                             model.n_image_tokens, cfg.max_text_tokens, cfg.image_fit)
 
-    # Workers are not persistent: they live as long as an epoch's (or an evaluation's) iterator, so none outlive
-    # the run. Restarting them is a fork, a fraction of a second per epoch or evaluation.
+    # Training's workers live as long as the run's one iterator (the sampler never ends), an evaluation's as long
+    # as the evaluation: none outlive the run.
     loading = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                    collate_fn=Collator(model.tokenizer.pad_token_id, model.vision.pixel_shape, cfg.pad_multiple),
                    generator=torch.Generator())  # its own RNG: starting an epoch must not shift dropout's
@@ -181,6 +183,8 @@ def train(cfg: VLMConfig):
     check_shapes(cfg)
     checkpoint.check_init_from(cfg)
     rank, world, device = setup_distributed(cfg)
+    if cfg.liger and device.type != "cuda":
+        raise ConfigError("config field 'liger' = True: Liger's Triton kernels need a CUDA GPU; leave it off here")
     resume_from = checkpoint.newest(cfg.out_dir) if cfg.resume else None
     if resume_from:
         checkpoint.check_resume(cfg, resume_from, world)
@@ -206,7 +210,7 @@ def train(cfg: VLMConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # fixed gradient buffers, zeroed after each step: a CUDA-graphed backward writes its outputs
         p.grad = torch.zeros_like(p)  # to memory that the next micro-batch's replay reuses (grad_accum > 1)
-    steps = steps_of_micro_batches(train_loader, state["step"], steps_per_epoch, cfg.grad_accum)
+    steps = steps_of_micro_batches(train_loader, state["step"], cfg.grad_accum)
     tally, min_seen = SkipTally(**state["data"]), min(100, len(train_loader.batch_sampler) * cfg.batch_size)
     # non-finite steps and the logged loss are summed on the device and read at log lines: no sync per step
     bad_total, bad_streak = torch.tensor(state["bad_steps"], device=device), torch.tensor(state["bad_in_a_row"], device=device)

@@ -182,42 +182,42 @@ class Collator:
 
 
 class ShardedBatchSampler:
-    """Per epoch: a seeded permutation, dealt across ranks, cut into equal batches.
+    """Epoch after epoch, without end: a seeded permutation per epoch, dealt across ranks, cut into equal batches.
 
-    Every rank gets the same number of batches (the tail is dropped), and iteration can start at
-    any batch of any epoch, which is what makes resuming exact.
+    Every rank gets the same number of batches per epoch (the tail is dropped), and iteration can start at any
+    batch of any epoch, which is what makes resuming exact. Being endless, it lets one loader iterator serve the
+    whole run: the workers decode the next epoch's first batches while this epoch's last ones train (a fresh
+    iterator per epoch restarted the workers, a step of over a second at each epoch's start).
     """
 
     def __init__(self, n, batch_size, rank=0, world=1, seed=0):
         self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.epoch = self.start = 0
+        self.start = 0  # the batch iteration begins at, counted over epochs: epoch = start // len(self)
         if len(self) == 0:
             raise ValueError(f"{n} training samples are fewer than one batch of {batch_size} per rank "
                              f"x {world} ranks; lower batch_size")
 
-    def set_position(self, epoch, start_batch):
-        self.epoch, self.start = epoch, start_batch
-
     def __len__(self):
+        """Batches per epoch."""
         return self.n // self.world // self.batch_size
 
     def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        mine = perm[: len(self) * self.batch_size * self.world][self.rank::self.world]
-        for b in range(self.start, len(self)):
-            yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+        epoch, first = divmod(self.start, len(self))
+        while True:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            mine = perm[: len(self) * self.batch_size * self.world][self.rank::self.world]
+            for b in range(first, len(self)):
+                yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            epoch, first = epoch + 1, 0
 
 
-def steps_of_micro_batches(loader, start_step, steps_per_epoch, grad_accum):
-    """Yields the grad_accum micro-batches of each optimizer step from any step on: the data order is a
-    function of the step alone, which is what makes resuming exact."""
-    epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+def steps_of_micro_batches(loader, start_step, grad_accum):
+    """Yields the grad_accum micro-batches of each optimizer step from any step on, from one iterator over the
+    endless sampler: the data order is a function of the step alone, which is what makes resuming exact."""
+    loader.batch_sampler.start = start_step * grad_accum
+    batches = iter(loader)
     while True:
-        loader.batch_sampler.set_position(epoch, step_in_epoch * grad_accum)
-        batches = iter(loader)
-        for _ in range(step_in_epoch, steps_per_epoch):
-            yield [next(batches) for _ in range(grad_accum)]
-        epoch, step_in_epoch = epoch + 1, 0
+        yield [next(batches) for _ in range(grad_accum)]
 
 
 def filler_batch(dataset, collate):

@@ -1,5 +1,6 @@
 """The training loop: exact accumulation, DDP equivalence, exact resume, data sources, phases, demo."""
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -9,10 +10,11 @@ import zipfile
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 import main
 from conftest import REPO, cli_args, trainable_params
-from data.llava import ImageStore, LlavaDataset, load_records
+from data.llava import ImageStore, LlavaDataset, ShardedBatchSampler, load_records
 from checkpoint import WEIGHTS
 from models.vlm import VLM
 
@@ -117,6 +119,33 @@ def test_resume_is_exact(tiny_cfg, on_optimizer_step):
 
 
 @pytest.mark.slow
+def test_the_sampler_deals_epoch_after_epoch_from_any_batch():
+    """Each epoch is a new permutation (its tail dropped), the next follows without end, and a sampler started at
+    batch k deals what one started at 0 deals from its k-th batch on: a run resumes mid-epoch exactly."""
+    sampler = ShardedBatchSampler(10, 3, seed=1)  # 3 batches an epoch; one sample left over each time
+    stream = list(itertools.islice(sampler, 9))   # three epochs
+    epochs = [sum(stream[e * 3:(e + 1) * 3], []) for e in range(3)]
+    assert all(len(set(e)) == 9 and set(e) <= set(range(10)) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    sampler.start = 4
+    assert list(itertools.islice(sampler, 5)) == stream[4:]
+
+
+def test_a_run_of_three_epochs_reads_its_data_through_one_iterator(tiny_cfg, monkeypatch):
+    """Every training record once per epoch, a new order each epoch, and one iterator over the training loader
+    for the whole run: a new one per epoch would restart the data workers, a stall at every epoch's start."""
+    train_iterators, read = [], []
+    real_iter, real_item = DataLoader.__iter__, LlavaDataset.__getitem__
+    monkeypatch.setattr(DataLoader, "__iter__", lambda self: (
+        isinstance(self.batch_sampler, ShardedBatchSampler) and train_iterators.append(self)) or real_iter(self))
+    monkeypatch.setattr(LlavaDataset, "__getitem__", lambda self, i: read.append(self.indices[i]) or real_item(self, i))
+    result = main.train(dataclasses.replace(tiny_cfg, batch_size=48, epochs=3, resume=False))  # 144 records: 3 steps an epoch
+    assert result["step"] == 9 and len(train_iterators) == 1
+    epochs = [read[e * 144:(e + 1) * 144] for e in range(3)]  # (no workers: records are read in training order)
+    assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == 144 for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
 def test_torchrun_two_processes_match_one(tiny_cfg, tmp_path):
     """2 ranks x batch 4 (gloo) reach the same weights as 1 process x batch 8."""
     def run(nproc, batch_size, out_dir):
