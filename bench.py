@@ -136,7 +136,7 @@ class StepClock:
 
     def summary(self, warmup=10, profiled=()):
         """Start-up time; median and slowest step after `warmup` steps, and which took over 2x the median.
-        `profiled`: the steps the profiler slowed (its start and end), left out."""
+        `profiled`: the steps the profiler ran over (it slows them), left out."""
         torch.cuda.synchronize()
         ms = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]  # ms[i]: step i + 2
         ms = {step: m for step, m in enumerate(ms, start=2) if step > warmup + 1 and step not in profiled}
@@ -152,7 +152,7 @@ class StepProfiler:
 
     def __init__(self, start=100, n=8):
         self.start, self.n, self.step, self.prof = start, n, 0, None
-        self.slowed = (start + 1, start + n + 1)  # the steps holding its start and its end (StepClock's numbering)
+        self.slowed = range(start + 1, start + n + 2)  # the steps it runs over (StepClock's numbering)
         self.hook = register_optimizer_step_post_hook(self.tick)
 
     def tick(self, optimizer, args, kwargs):

@@ -4,7 +4,7 @@
 # projector row on the cache it left (the warm start).
 set -u
 logs=$PWD/checkpoints/bench/logs; mkdir -p "$logs"  # absolute: Inductor runs its C++ compiler from elsewhere
-rows=${*:-projector projector_warm accum2 eager eager_liger tokens196 lora lora_vision batch256 phi2 phi2_ckpt phi3 phi3_ckpt}
+rows=${*:-projector projector_warm accum2 eager tokens196 lora lora_vision batch256 phi2 phi2_ckpt phi3 phi3_ckpt}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 run() {  # run NAME CACHE FLAGS...
@@ -21,7 +21,6 @@ for row in $rows; do
     projector_warm) run "$row" "$logs/cache_projector" --max_steps 30 ;;
     accum2)         run "$row" "$(fresh "$row")" --batch_size 64 --grad_accum 2 --max_steps 100 ;;  # batch 128 in halves
     eager)          run "$row" "$(fresh "$row")" --compile false --max_steps 60 ;;
-    eager_liger)    run "$row" "$(fresh "$row")" --compile false --liger true --max_steps 60 ;;  # uv sync --extra liger
     tokens196)      run "$row" "$(fresh "$row")" --pixel_unshuffle 1 --max_steps 100 ;;
     lora)           run "$row" "$(fresh "$row")" --phase lora --max_steps 100 ;;
     lora_vision)    run "$row" "$(fresh "$row")" --phase lora --lora_vision true --max_steps 100 ;;

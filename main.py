@@ -88,8 +88,6 @@ def build_model(cfg, device, resuming):
     model.to(device)
     if device.type == "cuda":
         model.cast_frozen(torch.bfloat16)
-    if cfg.liger:  # (validate ruled out --compile with it; train, the CPU)
-        model.use_liger_kernels()
     return model
 
 
@@ -183,8 +181,6 @@ def train(cfg: VLMConfig):
     check_shapes(cfg)
     checkpoint.check_init_from(cfg)
     rank, world, device = setup_distributed(cfg)
-    if cfg.liger and device.type != "cuda":
-        raise ConfigError("config field 'liger' = True: Liger's Triton kernels need a CUDA GPU; leave it off here")
     resume_from = checkpoint.newest(cfg.out_dir) if cfg.resume else None
     if resume_from:
         checkpoint.check_resume(cfg, resume_from, world)

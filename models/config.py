@@ -7,7 +7,6 @@ The flags are generated from the dataclass, so a new field is a new flag for fre
 import argparse
 import dataclasses
 import difflib
-import importlib.util
 import json
 import re
 import sys
@@ -73,7 +72,6 @@ class VLMConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = True  # torch.compile on CUDA (not on the CPU); its cache: TORCHINDUCTOR_CACHE_DIR
     cuda_graphs: bool = True  # compiled layers replay as CUDA graphs (one GPU; not under DDP); false: plain compile
-    liger: bool = False  # eager CUDA runs: Liger Kernel's fused RMSNorm, SwiGLU, RoPE in the LM (uv sync --extra liger)
     gradient_checkpointing: bool = False  # lora phase: recompute layer activations in backward (less memory)
     # --- logging, evaluation, checkpoints ---
     log_every: int = 10
@@ -119,11 +117,6 @@ class VLMConfig:
             bad("image_fit", "must be 'resize' or 'letterbox'")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "must be 'auto', 'cpu' or 'cuda'")
-        if self.liger and self.compile:
-            bad("liger", "is for eager runs: add --compile false. Compiled layers fuse these ops already, and Liger's "
-                "kernels break their graphs (an H100 ran 1,253 samples/s with both, 2,900 compiled alone)")
-        if self.liger and importlib.util.find_spec("liger_kernel") is None:
-            bad("liger", "needs the Liger Kernel package: uv sync --extra liger (or pip install liger-kernel)")
         if self.chat_json and not (self.data_dir and Path(self.chat_json).expanduser().is_file()):
             bad("chat_json", "must name an existing json file, and needs --data_dir: the folder its image paths "
                 "are relative to (e.g. --chat_json llava_v1_5_mix665k.json --data_dir playground/data)")

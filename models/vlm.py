@@ -27,15 +27,8 @@ def _check_targets(field, targets, model):
 def check_shapes(cfg: VLMConfig):
     """The config checks that need the backbones' shapes but not their weights, so they fail before anything
     loads: the unshuffle factor against the patch grid, the feature layer against each tower's depth, and
-    the LoRA targets against weightless (meta) models (the LM's decoder: its head never gets adapters), and that
-    Liger has kernels for the LM."""
+    the LoRA targets against weightless (meta) models (the LM's decoder: its head never gets adapters)."""
     n_image_tokens(cfg)
-    if cfg.liger:  # (validate checked that the package is there)
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-        model_type = from_hub(AutoConfig, cfg.lm_model).model_type
-        if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-            raise ConfigError(f"config field 'liger': Liger Kernel has no kernels for {model_type} LMs (it has them "
-                              f"for {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); leave it off")
     vision_configs = [vision_config(name) for name in tower_names(cfg)]
     for name, c in zip(tower_names(cfg), vision_configs):
         depth = c.num_hidden_layers
@@ -147,13 +140,6 @@ class VLM(nn.Module):
         mode = "reduce-overhead" if cuda_graphs else "default"
         for block in [self.vision, self.projector, *self.lm.base_model.layers]:
             block.compile(dynamic=False, mode=mode)
-
-    def use_liger_kernels(self):
-        """Liger Kernel's Triton kernels for the LM's RMSNorm, SwiGLU MLP and rotary embedding, for eager runs on
-        CUDA: each replaces several kernels (and RMSNorm's float32 copies) with one. An eager H100 step ran 1.4x
-        faster (802 -> 1,128 samples/s). The loss stays ours (on label positions only): no Liger loss."""
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        _apply_liger_kernel_to_instance(model=self.lm, cross_entropy=False, fused_linear_cross_entropy=False)
 
     # --- forward ---
     def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8, B may be 0

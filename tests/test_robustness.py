@@ -6,7 +6,6 @@ process of its own) forked from a server that has imported main once: `python ma
 import of torch + transformers on every launch and restart.
 """
 import dataclasses
-import importlib.util
 import io
 import json
 import multiprocessing
@@ -323,7 +322,6 @@ BAD_CONFIGS = {  # id: (the field the error must name, the change; p holds a che
                                                             lm_model=p.other_lm)),
     "checkpoint_of_another_projector": ("projector_hidden_dim", lambda p: dict(phase="lora", init_from=p.checkpoint,
                                                                                projector_hidden_dim=32)),
-    "liger_with_compile": ("liger", lambda p: dict(liger=True, compile=True)),
 }
 
 
@@ -339,14 +337,6 @@ def test_bad_config_stops_before_anything_loads(tiny_cfg, tiny_assets, tmp_path,
         main.train(cfg)
     with pytest.raises(SystemExit, match=f"error: .*'{field}'"):  # the command line says the same, no traceback
         main.main(cli_args(cfg))
-
-
-def test_liger_without_its_package_says_how_to_install_it(tiny_cfg, monkeypatch):
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else find_spec(name, *a))
-    forbid_loading(monkeypatch)
-    with pytest.raises(ConfigError, match="'liger'.*uv sync --extra liger"):
-        main.train(dataclasses.replace(tiny_cfg, liger=True, compile=False))
 
 
 # ============================================================================ non-finite losses, out of memory
