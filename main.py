@@ -106,7 +106,7 @@ def build_data(cfg, model, rank, world):
     # as the evaluation: none outlive the run.
     loading = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                    collate_fn=Collator(model.tokenizer.pad_token_id, model.vision.pixel_shape, cfg.pad_multiple),
-                   generator=torch.Generator())  # its own RNG: starting an epoch must not shift dropout's
+                   generator=torch.Generator())  # its own RNG: starting the data must not shift dropout's
     sampler = ShardedBatchSampler(len(train_idx), cfg.batch_size, rank, world, cfg.seed)
     train_loader = DataLoader(dataset(train_idx), batch_sampler=sampler, **loading)
     val_loader = DataLoader(dataset(val_idx[rank::world]), batch_size=cfg.batch_size, **loading)

@@ -213,7 +213,8 @@ class ShardedBatchSampler:
 
 def steps_of_micro_batches(loader, start_step, grad_accum):
     """Yields the grad_accum micro-batches of each optimizer step from any step on, from one iterator over the
-    endless sampler: the data order is a function of the step alone, which is what makes resuming exact."""
+    endless sampler: the data order is a function of the step alone, which is what makes resuming exact. (When
+    grad_accum does not divide an epoch's batches, a step may hold the end of one epoch and the start of the next.)"""
     loader.batch_sampler.start = start_step * grad_accum
     batches = iter(loader)
     while True:
