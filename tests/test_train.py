@@ -118,7 +118,6 @@ def test_resume_is_exact(tiny_cfg, on_optimizer_step):
     check_resume_is_exact(tiny_cfg, on_optimizer_step)
 
 
-@pytest.mark.slow
 def test_the_sampler_deals_epoch_after_epoch_from_any_batch():
     """Each epoch is a new permutation (its tail dropped), the next follows without end, and a sampler started at
     batch k deals what one started at 0 deals from its k-th batch on: a run resumes mid-epoch exactly."""
@@ -139,13 +138,15 @@ def test_a_run_of_three_epochs_reads_its_data_through_one_iterator(tiny_cfg, mon
     monkeypatch.setattr(DataLoader, "__iter__", lambda self: (
         isinstance(self.batch_sampler, ShardedBatchSampler) and train_iterators.append(self)) or real_iter(self))
     monkeypatch.setattr(LlavaDataset, "__getitem__", lambda self, i: read.append(self.indices[i]) or real_item(self, i))
-    result = main.train(dataclasses.replace(tiny_cfg, batch_size=48, epochs=3, resume=False))  # 144 records: 3 steps an epoch
+    # 144 training records in batches of 48: 3 steps an epoch
+    result = main.train(dataclasses.replace(tiny_cfg, batch_size=48, epochs=3, resume=False))
     assert result["step"] == 9 and len(train_iterators) == 1
     epochs = [read[e * 144:(e + 1) * 144] for e in range(3)]  # (no workers: records are read in training order)
     assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == 144 for e in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tiny_cfg, tmp_path):
     """2 ranks x batch 4 (gloo) reach the same weights as 1 process x batch 8."""
     def run(nproc, batch_size, out_dir):
