@@ -129,10 +129,11 @@ class VLM(nn.Module):
         """torch.compile the vision tower(s), the projector and each LM layer, for static shapes, each replayed as a
         CUDA graph: one launch instead of dozens of kernels, which bounds this small model.
         Each LM layer is compiled, not the whole LM: the layers share one compiled graph, so a cold start compiles
-        a few small graphs (with SmolLM2 as one graph, a cold start took 92-105 s on an H100 instead of 50-75,
-        and ran no faster). The tower runs as one graph: 12 fewer graph launches for the host to queue (25
-        instead of 33 ms a step; 3,064 instead of 2,997 samples/s on one H100). The collator pads each batch to a
-        multiple of pad_multiple, so the LM meets one or two lengths: each compiles once, in about 2 s.
+        a few small graphs (with SmolLM2 as one graph, a cold start took 92-105 s on an H100 instead of 43-75,
+        and ran 1.05x faster at best, where the host was slow). The tower runs as one graph: 12 fewer graph
+        launches for the host to queue (25 instead of 33 ms a step; 3,064 instead of 2,997 samples/s on one
+        H100). The collator pads each batch to a multiple of pad_multiple, so the LM meets one or two lengths:
+        each compiles once, in about 2 s.
         n_lengths: how many padded lengths batches can have. A block compiles per batch size met (a short last
         batch, a blank image for a text-only batch); past torch's recompile limit (8) it would quietly fall back
         to eager, so the limit is raised to 4 per length. Validation and generation run eager."""
