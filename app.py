@@ -146,7 +146,7 @@ def main(argv):
     transformers.utils.logging.disable_progress_bar()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     try:
-        model = checkpoint.load_model(args.checkpoint).to("cuda" if cuda else "cpu")
+        model = checkpoint.load_model(args.checkpoint).place("cuda" if cuda else "cpu")
     except (ConfigError, HubError) as e:
         sys.exit(f"error: {e}")
     build_page(model, args.examples).launch(server_port=args.port, max_file_size=MAX_FILE_BYTES)

@@ -238,4 +238,4 @@ if __name__ == "__main__":
         steps = clock.summary(profiled=profiler.slowed if profiler else ()) if clock else {}
         print("BENCH " + json.dumps({**summarize(cfg, result, world), **steps}))
         if clock and generate == "true":  # on the saved checkpoint, loaded as generate.py loads it
-            print("GENERATE " + json.dumps(generation_speed(checkpoint.load_model(result["checkpoint"]).cuda())))
+            print("GENERATE " + json.dumps(generation_speed(checkpoint.load_model(result["checkpoint"]).place("cuda"))))

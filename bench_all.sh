@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The README's benchmark tables: bash bench_all.sh [ROW...]   (logs in checkpoints/bench/logs; default: every row)
 # Each row starts with an empty compile cache, so its start time is a cold start; projector_warm reruns the
-# projector row on the cache it left (the warm start).
+# projector row on the cache it left (the warm start). The generate rows time captioning alone (after 12 eager steps).
 set -u
 logs=$PWD/checkpoints/bench/logs; mkdir -p "$logs"  # absolute: Inductor runs its C++ compiler from elsewhere
-rows=${*:-projector projector_warm accum2 eager tokens196 lora lora_vision batch256 phi2 phi2_ckpt phi3 phi3_ckpt}
+rows=${*:-projector projector_warm accum2 eager tokens196 lora lora_vision batch256 phi2 phi2_ckpt phi3 phi3_ckpt
+  generate generate_tokens196 generate_lora generate_lora_vision}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 run() {  # run NAME CACHE FLAGS...
@@ -15,20 +16,25 @@ run() {  # run NAME CACHE FLAGS...
 }
 fresh() { rm -rf "$logs/cache_$1"; echo "$logs/cache_$1"; }
 big=(--phase lora --batch_size 16 --max_steps 20 --log_every 5 --compile false --generate false)  # eager: no compile wait
+gen=(--max_steps 12 --compile false)  # a few eager steps (generation runs eager in any case)
 for row in $rows; do
   case $row in
-    projector)      run "$row" "$(fresh projector)" --max_steps 300 --profile_at 100 ;;
-    projector_warm) run "$row" "$logs/cache_projector" --max_steps 30 ;;
-    accum2)         run "$row" "$(fresh "$row")" --batch_size 64 --grad_accum 2 --max_steps 100 ;;  # batch 128 in halves
-    eager)          run "$row" "$(fresh "$row")" --compile false --max_steps 60 ;;
-    tokens196)      run "$row" "$(fresh "$row")" --pixel_unshuffle 1 --max_steps 100 ;;
-    lora)           run "$row" "$(fresh "$row")" --phase lora --max_steps 100 ;;
-    lora_vision)    run "$row" "$(fresh "$row")" --phase lora --lora_vision true --max_steps 100 ;;
-    batch256)       run "$row" "$(fresh "$row")" --batch_size 256 --max_steps 60 ;;
+    projector)      run "$row" "$(fresh projector)" --max_steps 300 --profile_at 100 --generate false ;;
+    projector_warm) run "$row" "$logs/cache_projector" --max_steps 30 --generate false ;;
+    accum2)         run "$row" "$(fresh "$row")" --batch_size 64 --grad_accum 2 --max_steps 100 --generate false ;;  # batch 128 in halves
+    eager)          run "$row" "$(fresh "$row")" --compile false --max_steps 60 --generate false ;;
+    tokens196)      run "$row" "$(fresh "$row")" --pixel_unshuffle 1 --max_steps 100 --generate false ;;
+    lora)           run "$row" "$(fresh "$row")" --phase lora --max_steps 100 --generate false ;;
+    lora_vision)    run "$row" "$(fresh "$row")" --phase lora --lora_vision true --max_steps 100 --generate false ;;
+    batch256)       run "$row" "$(fresh "$row")" --batch_size 256 --max_steps 60 --generate false ;;
     phi2)           run "$row" "$(fresh "$row")" --size clip-l-336+phi-2 "${big[@]}" ;;
     phi2_ckpt)      run "$row" "$(fresh "$row")" --size clip-l-336+phi-2 "${big[@]}" --gradient_checkpointing true ;;
     phi3)           run "$row" "$(fresh "$row")" --size clip-l-336+phi-3-mini "${big[@]}" ;;
     phi3_ckpt)      run "$row" "$(fresh "$row")" --size clip-l-336+phi-3-mini "${big[@]}" --gradient_checkpointing true ;;
+    generate)             run "$row" "$(fresh "$row")" "${gen[@]}" ;;
+    generate_tokens196)   run "$row" "$(fresh "$row")" "${gen[@]}" --pixel_unshuffle 1 ;;
+    generate_lora)        run "$row" "$(fresh "$row")" "${gen[@]}" --phase lora ;;
+    generate_lora_vision) run "$row" "$(fresh "$row")" "${gen[@]}" --phase lora --lora_vision true ;;
     *) echo "unknown row $row" ;;
   esac
 done

@@ -73,7 +73,7 @@ def main(argv):
     device = torch.device("cuda" if cuda else "cpu")
     try:
         path = checkpoint.resolve(args.checkpoint)
-        model = checkpoint.load_model(path).to(device)
+        model = checkpoint.load_model(path).place(device)
         scores, predictions = evaluate(model, eval_dataset(model, args.data_dir, args.split), device,
                                        args.batch_size, args.num_workers, args.limit)
     except (ConfigError, HubError) as e:

@@ -126,7 +126,7 @@ def main(argv):
         export(model, args.export)
         print(f"exported {args.checkpoint} to {args.export}", file=sys.stderr)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    model.to("cuda" if cuda else "cpu")
+    model.place("cuda" if cuda else "cpu")
     torch.manual_seed(args.seed)
     failed = 0
     for path, caption, error in caption_files(model, args.images, args.batch_size, prompt=args.prompt,

@@ -85,10 +85,7 @@ def build_model(cfg, device, resuming):
         init = checkpoint.resolve(cfg.init_from)
         with_adapters = cfg.phase == "lora" and VLMConfig.load(init / "config.json").phase == "lora"
         checkpoint.load_weights(model, init, only=None if with_adapters else "projector.")
-    model.to(device)
-    if device.type == "cuda":
-        model.cast_frozen(torch.bfloat16)
-    return model
+    return model.place(device)
 
 
 def build_data(cfg, model, rank, world):

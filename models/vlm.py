@@ -107,6 +107,15 @@ class VLM(nn.Module):
             self.lm.eval()
         return self
 
+    def place(self, device):
+        """Move to `device`. On a GPU the frozen backbone weights are stored in bf16 (the trainable ones stay
+        fp32), for training and inference alike: a checkpoint then captions with the numbers it trained with,
+        and autocast does not cast every frozen weight again at each decoded token."""
+        self.to(device)
+        if torch.device(device).type == "cuda":
+            self.cast_frozen(torch.bfloat16)
+        return self
+
     def cast_frozen(self, dtype):
         """Store the frozen backbone weights in `dtype` (bf16 on GPU); trainable weights stay fp32."""
         for p in self.parameters():

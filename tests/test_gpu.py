@@ -1,10 +1,12 @@
 """GPU correctness, on the tiny backbones: bf16 against fp32, compiled against eager, the on-device skip of a
-non-finite step, exact resume and batched captions, all on CUDA. Skipped where there is no CUDA device (CI)."""
+non-finite step, exact resume, batched captions and a checkpoint loaded for captioning, all on CUDA. Skipped
+where there is no CUDA device (CI)."""
 import dataclasses
 
 import pytest
 import torch
 
+import checkpoint
 import main
 from test_robustness import on_projector_forward, spy_optimizer_steps
 from test_train import check_resume_is_exact
@@ -98,6 +100,18 @@ def test_a_batch_is_captioned_like_each_image_alone_on_cuda(cuda_cfg):
     pixels = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).cuda()
     alone = [model.generate(pixels[i:i + 1])[0] for i in range(4)]
     assert model.generate(pixels) == alone
+
+
+def test_a_checkpoint_loads_on_cuda_as_it_trained(cuda_cfg):
+    """generate.py's path: a checkpoint placed on the GPU stores its frozen weights in bf16 as training did (not
+    fp32 for autocast to cast at every decoded token), keeps its trained weights in fp32, and captions as the
+    model that trained."""
+    result = main.train(dataclasses.replace(cuda_cfg, max_steps=2))
+    loaded = checkpoint.load_model(result["checkpoint"]).place("cuda")
+    assert {(p.requires_grad, p.dtype) for p in loaded.parameters()} == {(False, torch.bfloat16), (True, torch.float32)}
+    size = loaded.processor.size["height"]
+    pixels = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).cuda()
+    assert loaded.generate(pixels) == result["model"].generate(pixels)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
