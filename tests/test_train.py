@@ -1,10 +1,12 @@
 """The training loop: exact accumulation, DDP equivalence, exact resume, data sources, phases, demo."""
 import dataclasses
+import gc
 import itertools
 import json
 import os
 import subprocess
 import sys
+import weakref
 import zipfile
 
 import pytest
@@ -144,6 +146,19 @@ def test_a_run_of_three_epochs_reads_its_data_through_one_iterator(tiny_cfg, mon
     epochs = [read[e * 144:(e + 1) * 144] for e in range(3)]  # (no workers: records are read in training order)
     assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == 144 for e in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_the_heap_is_frozen_while_training_and_freed_after(tiny_cfg, on_optimizer_step):
+    """After its first step the loop hides what is alive from Python's full collections (each scan of a compiled
+    run's heap stalled a step for over half a second); a finished run's model is collectable again, as the
+    sweep's runs in one process need."""
+    frozen = []
+    on_optimizer_step(lambda opt: frozen.append(gc.get_freeze_count()), when="after")
+    result = main.train(dataclasses.replace(tiny_cfg, max_steps=3, resume=False))
+    model = weakref.ref(result.pop("model"))
+    del result
+    gc.collect()
+    assert frozen[0] == 0 < frozen[1] and gc.get_freeze_count() == 0 and model() is None
 
 
 @pytest.mark.slow
