@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's benchmark tables: bash bench_all.sh [ROW...]   (logs in checkpoints/bench/logs; default: every row)
 # Each row starts with an empty compile cache, so its start time is a cold start; projector_warm reruns the
-# projector row on the cache it left (the warm start). The generate rows time captioning alone (after 12 eager steps).
+# projector row on the cache it left (the warm start). The generate rows time captioning alone (after 12 steps).
 set -u
 logs=$PWD/checkpoints/bench/logs; mkdir -p "$logs"  # absolute: Inductor runs its C++ compiler from elsewhere
 rows=${*:-projector projector_warm accum2 eager tokens196 lora lora_vision batch256 phi2 phi2_ckpt phi3 phi3_ckpt
