@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -105,6 +106,8 @@ def bench_config(argv):
     tag = f"{cfg.phase}-u{cfg.pixel_unshuffle}-b{cfg.batch_size}" + ("-compiled" if cfg.compile else "")
     cfg = VLMConfig.from_dict({**cfg.to_dict(), "data_dir": data_dir, "vision_model": vision, "lm_model": lm,
                                "out_dir": str(root / "runs" / tag)})
+    if os.environ.get("RANK", "0") == "0":  # the bench's own scratch run: each measurement starts from nothing
+        shutil.rmtree(cfg.out_dir, ignore_errors=True)
     if cfg.phase == "lora" and not cfg.init_from:  # a (random) projector checkpoint to start from
         cfg.init_from = str(root / "projector-init")
         checkpoint.save_model(VLM.from_config(VLMConfig.from_dict({**cfg.to_dict(), "phase": "projector", "init_from": ""})),

@@ -3,23 +3,32 @@
 A checkpoint is a directory, out_dir/step_XXXXXXXX/ for a training run:
     config.json              the config that trained it (one source of truth for rebuilding the model)
     trainable.safetensors    the projector and the adapters; the frozen backbones are rebuilt from their ids
+    run.json                 which run wrote it (its id) and the data it trained on (what eval.py compares)
     train_state.pt           optimizer, scheduler, step, data and non-finite counts (training runs only)
     rng_<rank>.pt            each rank's RNG state (dropout differs per rank)
+
+An out_dir holds one run: a new run into a used out_dir stops before any slow work (OutDir), and rotation only
+ever removes checkpoints of the run that is saving.
 """
+import fcntl
+import json
 import os
 import random
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+import safetensors.torch
+from safetensors.torch import load_file
 
 from models.config import ConfigError, VLMConfig
 from models.vlm import VLM
 
 WEIGHTS = "trainable.safetensors"
+RUN_INFO = "run.json"
 # Fields a resumed run may change: they do not touch the math of training. Any other change stops the run. (A
 # preset only sets other fields, which are compared themselves.)
 RESUMABLE_CHANGES = ("preset", "cache_dir", "num_workers", "pad_multiple", "max_bad_fraction", "max_bad_steps",
@@ -47,6 +56,56 @@ def newest(out_dir):
     """The newest checkpoint of a run, or None."""
     steps = sorted(Path(out_dir).glob("step_*"))
     return steps[-1] if steps else None
+
+
+# ----------------------------------------------------------------------------- one run per out_dir
+class OutDir:
+    """Claims cfg.out_dir for this run, before any slow work: a lock keeps a second process out while this one
+    trains (the OS releases it when a process dies, so a killed run's lock never blocks), and a fresh run
+    (--resume false) refuses an out_dir that holds another run's checkpoints or log. Rank 0 claims for all ranks."""
+
+    def __init__(self, cfg, rank):
+        self.cfg, self.rank, self.lock = cfg, rank, None
+
+    def __enter__(self):
+        if self.rank != 0:
+            return self
+        out = Path(self.cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.lock = open(out / ".lock", "a+")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.seek(0)
+            holder, self.lock = self.lock.read().strip(), self.lock.close()
+            raise ConfigError(f"another training ({holder or 'a process'}) is writing to {out}; wait for it to end, "
+                              "or pass another --out_dir") from None
+        self.lock.truncate(0)
+        self.lock.write(f"pid {os.getpid()}\n")
+        self.lock.flush()
+        used = sorted(p.name for p in out.glob("step_*")) + [p.name for p in [out / "log.jsonl"] if p.exists()]
+        if used and not self.cfg.resume:
+            self.__exit__()
+            raise ConfigError(f"{out} holds another run ({', '.join(used)}), and --resume false would start a new "
+                              f"one there. Resume it (leave out --resume false), train into a new --out_dir (with "
+                              f"--init_from {out} to start from its weights), or delete {out} first.")
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock:
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
+            self.lock.close()
+            self.lock = None
+
+
+def new_run_id():
+    return uuid.uuid4().hex[:16]
+
+
+def run_info(path):
+    """A checkpoint's run.json ({"run_id", "data"}), or {} for a checkpoint written before it existed."""
+    path = Path(path) / RUN_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # ----------------------------------------------------------------------------- which checkpoint fits
@@ -86,7 +145,7 @@ def save_model(model, path):
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.cfg.save(path / "config.json")
-    save_file(model.trainable_state_dict(), str(path / WEIGHTS))
+    (path / WEIGHTS).write_bytes(safetensors.torch.save(model.trainable_state_dict()))  # save_file would make it private (0600)
 
 
 def load_weights(model, path, only=None):
@@ -137,7 +196,8 @@ def barrier():
 
 def save(out_dir, model, optimizer, scheduler, state, rank, keep_last):
     """Every rank writes its RNG and data counts, rank 0 the rest. Written into a temp dir, then renamed: a crash
-    mid-save leaves the previous checkpoint intact. Returns the checkpoint's path."""
+    mid-save leaves the previous checkpoint intact. Then all but the newest keep_last checkpoints of this run
+    (state["run_id"]) are removed; another run's are never touched. Returns the checkpoint's path."""
     out = Path(out_dir)
     final = out / f"step_{state['step']:08d}"
     tmp = out / f".tmp-{final.name}"
@@ -149,13 +209,15 @@ def save(out_dir, model, optimizer, scheduler, state, rank, keep_last):
     torch.save({**rng_state(), "data": state["data"]}, tmp / f"rng_{rank}.pt")
     if rank == 0:
         save_model(model, tmp)
+        (tmp / RUN_INFO).write_text(json.dumps({"run_id": state["run_id"], "data": state["data_identity"]}) + "\n")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "state": {k: v for k, v in state.items() if k != "data"}}, tmp / "train_state.pt")
+                    "state": {k: v for k, v in state.items() if k not in ("data", "data_identity")}}, tmp / "train_state.pt")
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(out.glob("step_*"))[:-keep_last]:
+        ours = [p for p in sorted(out.glob("step_*")) if run_info(p).get("run_id") == state["run_id"]]
+        for old in ours[:-keep_last]:
             shutil.rmtree(old)
     barrier()
     return final

@@ -9,7 +9,7 @@ trains the projector (phase 1), then LoRA (phase 2) with main.train, and caption
 """
 import sys
 
-from models.config import VLMConfig, parse_or_exit
+from models.config import ConfigError, VLMConfig, parse_or_exit
 
 
 def demo_config():
@@ -20,8 +20,11 @@ def demo_config():
                      eval_every=100, eval_captions=3, save_every=100)
 
 
-if __name__ == "__main__":  # --help and typos answer now, before the slow imports below
-    parse_or_exit(sys.argv[1:], demo_config(), prog="demo.py", description=__doc__.splitlines()[0])
+if __name__ == "__main__":  # --help, typos and bad values answer now, before the slow imports below
+    try:
+        parse_or_exit(sys.argv[1:], demo_config(), prog="demo.py", description=__doc__.splitlines()[0]).validate()
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
@@ -35,7 +38,8 @@ from report import printable, sample_captions  # noqa: E402
 
 
 def prepare(cfg):
-    """Synthetic shapes data + tiny random backbones under out_dir/assets (made once)."""
+    """Synthetic shapes data + tiny random backbones under out_dir/assets (made once), for whichever of
+    --data_dir, --vision_model and --lm_model the user did not give."""
     from data.shapes import make_shapes_dataset
     from models.tiny import build_backbones
     assets = Path(cfg.out_dir) / "assets"
@@ -43,13 +47,16 @@ def prepare(cfg):
         print(f"making the demo data set and tiny backbones in {assets}")
         corpus = make_shapes_dataset(assets / "data", n=2000)
         build_backbones(assets, corpus)
-    return dataclasses.replace(cfg, data_dir=str(assets / "data"), vision_model=str(assets / "vision"),
-                               lm_model=str(assets / "lm"))
+    hub = VLMConfig()  # a backbone left at the hub default was not chosen: the demo's own tiny one stands in
+    return dataclasses.replace(
+        cfg, data_dir=cfg.data_dir or str(assets / "data"),
+        vision_model=str(assets / "vision") if cfg.vision_model == hub.vision_model else cfg.vision_model,
+        lm_model=str(assets / "lm") if cfg.lm_model == hub.lm_model else cfg.lm_model)
 
 
 def run(cfg):
     t0 = time.time()
-    cfg = prepare(cfg)
+    cfg = prepare(cfg.validate())
     root = Path(cfg.out_dir)
     projector = dataclasses.replace(cfg, phase="projector", init_from="", out_dir=str(root / "projector"))
     print("== phase 1: projector alignment (backbones frozen). The tiny LM is random and knows no language, so "

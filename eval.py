@@ -2,9 +2,16 @@
 
     uv run python eval.py --checkpoint checkpoints/demo/lora --data_dir checkpoints/demo/assets/data
 
-Reports CIDEr, BLEU-4, ROUGE-L and exact match (metrics.py) and writes them, with every prediction next to its
-reference, to a JSON file (--out). --split val scores the records the checkpoint's run held out (its val_size
-and seed pick them from data_dir, as training did); --split all scores every record (a separate test set).
+Reports CIDEr, BLEU-4, ROUGE-L and exact match (metrics.py), and how many records were skipped and why (a missing
+image, a text-only record, ...), and writes them, with every prediction next to its reference, to a JSON file.
+Which records: --split val scores the records the checkpoint's run held out, which exist only in the data it trained
+on (its run.json holds that chat.json's sha256; the data set's fixed split and the run's val_size pick them, as
+training did); --split all scores every record (a separate test set). The default, auto, is val on the checkpoint's
+own training data and all on any other; it says which and why. A checkpoint without run.json (older) does not
+know its data: pass --split.
+The JSON (--out) goes into the checkpoint dir by default: eval_val.json or eval_all.json for the checkpoint's own
+data, eval_all-<the first 8 hex digits of the data's sha256>.json for another data set, so scoring a test set never
+overwrites the result on the training data.
 """
 import argparse
 import sys
@@ -15,10 +22,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Score a tinyvlm checkpoint's captions: CIDEr, BLEU-4, ROUGE-L, exact match.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run's out_dir (its newest step)")
     p.add_argument("--data_dir", required=True, help="LLaVA-format data: chat.json with images.zip or images/")
-    p.add_argument("--split", choices=("val", "all"), default="val",
-                   help="val: the records the checkpoint's run held out; all: every record")
+    p.add_argument("--split", choices=("auto", "val", "all"), default="auto",
+                   help="val: the records the checkpoint's run held out; all: every record; auto: val on the "
+                        "checkpoint's training data, all on other data")
     p.add_argument("--limit", type=int, default=0, help="score the first N records of the split only; 0 = all")
-    p.add_argument("--out", default="", help="the JSON file; default: eval_<split>.json in the checkpoint dir")
+    p.add_argument("--out", default="", help="the JSON file; default: eval_<split>[-<data id>].json in the checkpoint dir")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers decoding images")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -37,32 +45,110 @@ if __name__ == "__main__":  # bad arguments answer now, before the slow imports 
 
 import json  # noqa: E402
 import os  # noqa: E402
+from collections import Counter  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import checkpoint  # noqa: E402
-from data.llava import ImageStore, LlavaDataset, load_records, split_indices  # noqa: E402
-from models.config import ConfigError  # noqa: E402
+from data.download import DataError  # noqa: E402
+from data.llava import ImageStore, LlavaDataset, data_identity, load_records, split_indices  # noqa: E402
+from models.config import ConfigError, VLMConfig  # noqa: E402
 from models.hub import HubError  # noqa: E402
 from report import caption_metrics  # noqa: E402
 
 
-def eval_dataset(model, data_dir, split):
-    """The records to score, as the training data set serves them (the same prompt format and references)."""
-    records = load_records(Path(data_dir) / "chat.json")
-    indices = split_indices(len(records), model.cfg.val_size, model.cfg.seed)[1] if split == "val" else range(len(records))
-    return LlavaDataset(records, list(indices), ImageStore(data_dir), model.tokenizer, model.processor,
-                        model.n_image_tokens, model.cfg.max_text_tokens, model.cfg.image_fit)
+class EvalData(NamedTuple):
+    records: object   # load_records' data set
+    indices: list     # the records to score
+    images: ImageStore
+    identity: dict    # data_identity of the chat.json
+    split: str        # "val" or "all"
+    own: bool         # the checkpoint trained on this data
+    why: str          # the split chosen, and why, for the user
+
+
+def open_data(path, data_dir, requested):
+    """The records to score, checked before the model loads: a data mistake (a truncated chat.json or zip, the
+    wrong split for this data) costs a second, not the minutes of loading."""
+    chat_json = Path(data_dir).expanduser() / "chat.json"
+    records = load_records(chat_json)
+    identity = data_identity(chat_json, len(records))
+    split, own, why = pick_split(requested, identity, checkpoint.run_info(path).get("data", {}), path)
+    if split == "val":
+        indices = split_indices(len(records), VLMConfig.load(path / "config.json").val_size)[1]
+        if not indices:
+            raise ConfigError(f"--split val: the run of {path} held out no records (val_size 0); use --split all")
+    else:
+        indices = list(range(len(records)))
+    return EvalData(records, indices, ImageStore(chat_json.parent), identity, split, own, why)
+
+
+def pick_split(requested, identity, trained_on, path):
+    """(split, own, why). val scores the records the checkpoint's run held out, which exist only in the data it
+    trained on: `own` says that this is that data (the same sha256 as run.json's), or, for a checkpoint without
+    run.json, that --split val says so."""
+    data = identity["chat_json"]
+    if not trained_on:
+        if requested == "auto":
+            raise ConfigError(f"{path} does not record the data it trained on (no run.json: an older checkpoint); pass "
+                              f"--split val if {data} is that data (to score its held-out records), else --split all")
+        return requested, requested == "val", f"as asked ({path} does not record the data it trained on)"
+    own = trained_on["sha256"] == identity["sha256"]
+    if requested == "val" and not own:
+        raise ConfigError(f"--split val: {data} is not the data {path} trained on ({trained_on['chat_json']}), so "
+                          "none of its records was held out by that run; use --split all")
+    split = requested if requested != "auto" else "val" if own else "all"
+    if not own:
+        return split, own, f"{data} is not the data {path} trained on ({trained_on['chat_json']})"
+    held = "the records its run held out" if split == "val" else "every record, its training records included"
+    return split, own, f"{data} is the data {path} trained on: scoring {held}"
+
+
+class SkipWatch(torch.utils.data.Dataset):
+    """A data set, flagging each record it gives without an image (skipped: a missing or corrupt image, a malformed
+    record, ...; or text-only), which report.sample_captions leaves out unsaid. The flags are a tensor in shared
+    memory: the DataLoader's worker processes, where the records are read, write them; this process reads them."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.flags = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        self.flags[i] = "pixel_values" not in item
+        return item
+
+    def reasons(self):
+        """{reason: count} of the flagged records, read again here: they are few, and fail fast (no image)."""
+        return Counter(self.dataset[i].get("skip", "text_only") for i in self.flags.nonzero().flatten().tolist())
 
 
 def evaluate(model, dataset, device, batch_size, num_workers, limit=0):
-    """({metric: score}, [{id, prediction, reference}]) over the usable records among the first `limit`."""
-    scores, rows = caption_metrics(model, dataset, limit or len(dataset), device, batch_size=batch_size,
+    """({metric: score}, [{id, prediction, reference}], {reason: count of skipped records}) over the first `limit`
+    records (0: all)."""
+    watched = SkipWatch(dataset)
+    scores, rows = caption_metrics(model, watched, limit or len(dataset), device, batch_size=batch_size,
                                    num_workers=num_workers, progress=True)
+    skipped = watched.reasons()
     if not rows:
-        raise ConfigError("no record of the split could be used (missing images or malformed records?)")
-    return scores, [{"id": id_, "prediction": caption, "reference": truth} for id_, caption, truth in rows]
+        raise DataError(f"no record of the split could be used ({describe(skipped)})")
+    return scores, [{"id": id_, "prediction": caption, "reference": truth} for id_, caption, truth in rows], skipped
+
+
+def describe(skipped):
+    reasons = ", ".join(f"{reason} {n}" for reason, n in skipped.most_common())
+    return f"{sum(skipped.values())} skipped" + (f": {reasons}" if reasons else "")
+
+
+def default_out(path, data):
+    """eval_<split>.json for the checkpoint's own data; another data set's name carries its id, so that scoring it
+    never overwrites the result on the training data."""
+    return path / (f"eval_{data.split}.json" if data.own else f"eval_{data.split}-{data.identity['sha256'][:8]}.json")
 
 
 def main(argv):
@@ -73,15 +159,21 @@ def main(argv):
     device = torch.device("cuda" if cuda else "cpu")
     try:
         path = checkpoint.resolve(args.checkpoint)
+        data = open_data(path, args.data_dir, args.split)
+        print(f"split {data.split}{' (auto)' if args.split == 'auto' else ''}: {data.why}", flush=True)
         model = checkpoint.load_model(path).place(device)
-        scores, predictions = evaluate(model, eval_dataset(model, args.data_dir, args.split), device,
-                                       args.batch_size, args.num_workers, args.limit)
-    except (ConfigError, HubError) as e:
+        dataset = LlavaDataset(data.records, data.indices, data.images, model.tokenizer, model.processor,
+                               model.n_image_tokens, model.cfg.max_text_tokens, model.cfg.image_fit)
+        scores, predictions, skipped = evaluate(model, dataset, device, args.batch_size, args.num_workers, args.limit)
+    except (ConfigError, DataError, HubError) as e:
         sys.exit(f"error: {e}")
-    out = Path(args.out or path / f"eval_{args.split}.json")
-    out.write_text(json.dumps({"checkpoint": str(path), "data_dir": args.data_dir, "split": args.split,
-                               "n": len(predictions), "metrics": scores, "predictions": predictions}, indent=1) + "\n")
-    print(" | ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f"  ({len(predictions)} records; {out})")
+    out = Path(args.out or default_out(path, data))
+    out.write_text(json.dumps({"checkpoint": str(path), "data_dir": args.data_dir, "data": data.identity,
+                               "split": data.split, "n": len(predictions), "skipped": sum(skipped.values()),
+                               "skipped_reasons": dict(skipped), "metrics": scores, "predictions": predictions},
+                              indent=1) + "\n")
+    print(" | ".join(f"{k} {v:.4f}" for k, v in scores.items())
+          + f"  ({len(predictions)} records scored, {describe(skipped)}; {out})")
     return scores
 
 

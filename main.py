@@ -2,7 +2,7 @@
 
     uv run python main.py                                   # phase 1: align the projector on LLaVA-CC3M-595K
     uv run python main.py --phase lora --init_from checkpoints/run --out_dir checkpoints/lora   # phase 2
-    torchrun --standalone --nproc_per_node 8 main.py        # data parallel (DDP), one process per GPU
+    torchrun --standalone --nproc_per_node 8 main.py --batch_size 16   # DDP, one process per GPU: global batch 128
     uv run python main.py --help                            # every config field, its default and its meaning
     uv run python demo.py                                   # offline, CPU, about a minute: both phases
 """
@@ -11,10 +11,10 @@ import sys
 from models.config import ConfigError, VLMConfig, parse_or_exit
 from models.hub import HubError, check_reachable
 
-if __name__ == "__main__":  # --help, typos and an unreachable hub answer now, before the slow imports below
+if __name__ == "__main__":  # --help, typos, bad values and an unreachable hub answer now, before the slow imports
     try:
-        check_reachable(parse_or_exit(sys.argv[1:], prog="main.py", description=__doc__.splitlines()[0]))
-    except HubError as e:
+        check_reachable(parse_or_exit(sys.argv[1:], prog="main.py", description=__doc__.splitlines()[0]).validate())
+    except (ConfigError, HubError) as e:
         sys.exit(f"error: {e}")
 
 import gc  # noqa: E402
@@ -36,7 +36,8 @@ from tqdm import tqdm  # noqa: E402
 import checkpoint  # noqa: E402
 from data.download import DataError, ensure_dataset  # noqa: E402
 from data.llava import (Collator, ImageStore, LlavaDataset, ShardedBatchSampler, SkipTally,  # noqa: E402
-                        filler_batch, load_records, split_indices, steps_of_micro_batches)
+                        data_identity, filler_batch, ignore_stop_signals, load_records, split_indices,
+                        start_workers, steps_of_micro_batches)
 from models.vlm import VLM, check_shapes  # noqa: E402
 from report import Reporter, caption_metrics, sample_captions, step_line  # noqa: E402
 from throughput import Meter  # noqa: E402
@@ -46,6 +47,9 @@ from throughput import Meter  # noqa: E402
 def setup_distributed(cfg):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python main.py` is rank 0 of 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config field 'device' = 'cuda', but torch sees no CUDA GPU here (no driver, or a CPU "
+                          "build of torch); use --device cpu, or auto")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -55,9 +59,9 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
-def all_reduce(t):
+def all_reduce(t, op=dist.ReduceOp.SUM):
     if dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op)
     return t
 
 
@@ -89,25 +93,37 @@ def build_model(cfg, device, resuming):
     return model.place(device)
 
 
-def build_data(cfg, model, rank, world):
-    """This rank's training batches (a sampler that can start at any step), and the validation split."""
+def open_data(cfg, rank, world):
+    """The records, their split, the images and this rank's sampler, checked before the model loads: a data
+    mistake (an empty or truncated file, too few records) costs seconds, not the minutes of loading."""
     root = ensure_dataset(cfg)
-    records = load_records(Path(cfg.chat_json).expanduser() if cfg.chat_json else root / "chat.json")
-    train_idx, val_idx = split_indices(len(records), cfg.val_size, cfg.seed)
-    images = ImageStore(root)
+    chat_json = Path(cfg.chat_json).expanduser() if cfg.chat_json else root / "chat.json"
+    records = load_records(chat_json)
+    train_idx, val_idx = split_indices(len(records), cfg.val_size)
+    sampler = ShardedBatchSampler(len(train_idx), cfg.batch_size, rank, world, cfg.seed)
+    if len(sampler) < cfg.grad_accum:
+        raise ConfigError(f"config field 'grad_accum' = {cfg.grad_accum}: more micro-batches than one epoch has "
+                          f"({len(sampler)} per rank); lower grad_accum or batch_size")
+    return dict(records=records, train_idx=train_idx, val_idx=val_idx, images=ImageStore(root), sampler=sampler,
+                identity=data_identity(chat_json, len(records)))
 
+
+def build_data(cfg, model, rank, world, data=None):
+    """This rank's training batches (a sampler that can start at any step), and the validation split, of
+    open_data's data (opened here if not given)."""
+    data = data or open_data(cfg, rank, world)
     def dataset(indices):
-        return LlavaDataset(records, indices, images, model.tokenizer, model.processor,
+        return LlavaDataset(data["records"], indices, data["images"], model.tokenizer, model.processor,
                             model.n_image_tokens, cfg.max_text_tokens, cfg.image_fit)
 
     # Training's workers live as long as the run's one iterator (the sampler never ends), an evaluation's as long
-    # as the evaluation: none outlive the run.
+    # as the evaluation: none outlive the run. They leave stop signals to this process (ignore_stop_signals).
     loading = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                    collate_fn=Collator(model.tokenizer.pad_token_id, model.vision.pixel_shape, cfg.pad_multiple),
+                   worker_init_fn=ignore_stop_signals,
                    generator=torch.Generator())  # its own RNG: starting the data must not shift dropout's
-    sampler = ShardedBatchSampler(len(train_idx), cfg.batch_size, rank, world, cfg.seed)
-    train_loader = DataLoader(dataset(train_idx), batch_sampler=sampler, **loading)
-    val_loader = DataLoader(dataset(val_idx[rank::world]), batch_size=cfg.batch_size, **loading)
+    train_loader = DataLoader(dataset(data["train_idx"]), batch_sampler=data["sampler"], **loading)
+    val_loader = DataLoader(dataset(data["val_idx"][rank::world]), batch_size=cfg.batch_size, **loading)
     return train_loader, val_loader
 
 
@@ -138,7 +154,7 @@ def evaluate(model, loader, device, autocast):
     small share of the run's time, and interleave them with training's."""
     model.eval()
     loss_sum, n_tokens = torch.zeros((), device=device), 0
-    for b in loader:
+    for b in start_workers(loader):
         if b["pixel_values"] is not None:
             with autocast:
                 loss_sum += model(**to_device(b, device)).loss_sum
@@ -148,11 +164,22 @@ def evaluate(model, loader, device, autocast):
     return (total[0] / total[1].clamp(min=1)).item()
 
 
+class Stopped(Exception):
+    """A stop signal's checkpoint is saved. The command exits 128 + the signal's number (130 for SIGINT, 143 for
+    SIGTERM), as a process killed by it would: `main.py && main.py --phase lora`, the demo and schedulers see a
+    run that did not finish."""
+
+    def __init__(self, signum, step, path):
+        super().__init__(f"stopped by {signum.name} at step {step}; saved {path}. Run the same command again to "
+                         "resume it")
+        self.signum = signum
+
+
 class StopRequest:
-    """SIGINT/SIGTERM finish the current step, save and exit cleanly; a second Ctrl-C stops at once."""
+    """SIGINT/SIGTERM finish the current step, save and stop (main.Stopped); a second Ctrl-C stops at once."""
 
     def __init__(self):
-        self.requested, self.previous = False, {}
+        self.requested, self.signum, self.previous = False, 0, {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -166,7 +193,7 @@ class StopRequest:
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, self.signum or signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, saving, then exiting", flush=True)
 
 
@@ -190,27 +217,33 @@ class FrozenHeap:
 def train(cfg: VLMConfig):
     """One phase, from config to final checkpoint. Returns {"model", "step", "checkpoint", "losses": [(step,
     loss)], "stats": [one per log line], "val_loss", "caption_scores" (rank 0, end of phase), "skipped": {reason:
-    count}}."""
+    count}}. A stop signal saves, then raises Stopped."""
     cfg.validate()  # every check that needs no weights comes first: a mistake costs seconds, not minutes
     check_shapes(cfg)
     checkpoint.check_init_from(cfg)
     rank, world, device = setup_distributed(cfg)
+    with checkpoint.OutDir(cfg, rank):  # one run in out_dir at a time, and never a new run over another's
+        return train_phase(cfg, rank, world, device)
+
+
+def train_phase(cfg, rank, world, device):
     resume_from = checkpoint.newest(cfg.out_dir) if cfg.resume else None
     if resume_from:
         checkpoint.check_resume(cfg, resume_from, world)
+    data = open_data(cfg, rank, world)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; DDP gives every rank rank 0's initial weights
     model = build_model(cfg, device, resuming=resume_from is not None)
-    train_loader, val_loader = build_data(cfg, model, rank, world)
+    train_loader, val_loader = build_data(cfg, model, rank, world, data)
     steps_per_epoch = len(train_loader.batch_sampler) // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"config field 'grad_accum' = {cfg.grad_accum}: more micro-batches than one epoch has "
-                          f"({len(train_loader.batch_sampler)} per rank); lower grad_accum or batch_size")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = build_optimizer(cfg, model)
     scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_frac * total), total)
     state = {"step": 0, "bad_steps": 0, "bad_in_a_row": 0, "data": SkipTally().state_dict()}
     if resume_from:
         state = checkpoint.load(resume_from, model, optimizer, scheduler, rank)
+    # the run's id (kept across resumes: wandb's run, and which checkpoints rotation may remove) and its data
+    state["run_id"] = state.get("run_id") or new_run_id()
+    state["data_identity"] = data["identity"]
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
     forward = ddp or model
     if cfg.compile and device.type == "cuda":
@@ -224,15 +257,17 @@ def train(cfg: VLMConfig):
     tally, min_seen = SkipTally(**state["data"]), min(100, len(train_loader.batch_sampler) * cfg.batch_size)
     # non-finite steps and the logged loss are summed on the device and read at log lines: no sync per step
     bad_total, bad_streak = torch.tensor(state["bad_steps"], device=device), torch.tensor(state["bad_in_a_row"], device=device)
-    worst_streak, loss_sum, loss_tokens = bad_streak.clone(), torch.zeros((), device=device), torch.zeros((), device=device)
-    meter, reporter = Meter(model, device, world), Reporter(cfg, rank, state["step"])
+    # a resumed run's streak goes on, but only steps of this run can stop it: a run stopped for non-finite steps
+    # is given another try when resumed (its first step decides)
+    worst_streak, loss_sum, loss_tokens = torch.zeros_like(bad_streak), torch.zeros((), device=device), torch.zeros((), device=device)
+    meter, reporter = Meter(model, device, world), Reporter(cfg, rank, state["step"], state["run_id"])
     seen, skipped = tally.seen, tally.skipped  # summed over ranks at each log line
     result = {"losses": [], "stats": [], "val_loss": None, "caption_scores": None, "checkpoint": resume_from}
     reporter.print(f"phase {cfg.phase}: {sum(p.numel() for p in params):,} trainable parameters, {model.n_image_tokens} "
                    f"image tokens, global batch {cfg.batch_size * cfg.grad_accum * world}, steps {state['step']}->{total}"
                    + (f", resumed from {resume_from}" if resume_from else ""))
     bar = tqdm(total=total, initial=state["step"], disable=rank != 0, dynamic_ncols=True, leave=False)
-    first_step = state["step"] + 1  # the one that compiles
+    first_step, stopping = state["step"] + 1, 0  # the step that compiles; the signal that stopped the run
     # closing(steps): the data workers stop when training ends, not whenever the garbage collector finds them
     with bar, StopRequest() as stop, closing(steps), FrozenHeap() as heap:
         while state["step"] < total:
@@ -280,7 +315,8 @@ def train(cfg: VLMConfig):
                 heap.freeze()
 
             if step % cfg.log_every == 0 or done:
-                loss = (all_reduce(loss_sum) / loss_tokens.clamp(min=1)).item()  # the one host sync per log line
+                summed, tokens = torch.stack([all_reduce(loss_sum), loss_tokens]).tolist()  # one host sync per log line
+                loss = summed / tokens if tokens else None  # None: nothing trained (unusable samples, skipped steps)
                 stats = meter.read()
                 state["bad_steps"], state["bad_in_a_row"], worst = torch.stack([bad_total, bad_streak, worst_streak]).tolist()
                 follow_applied_steps(scheduler, step - state["bad_steps"])
@@ -294,8 +330,11 @@ def train(cfg: VLMConfig):
                 if worst >= cfg.max_bad_steps:
                     state["data"] = tally.state_dict()
                     path = checkpoint.save(cfg.out_dir, model, optimizer, scheduler, state, rank, cfg.keep_last)
-                    raise RuntimeError(f"{cfg.max_bad_steps} steps in a row had a non-finite loss or gradient (by step "
-                                       f"{step}); saved {path}. Lower the learning rate (or raise --max_bad_steps).")
+                    raise RuntimeError(
+                        f"{cfg.max_bad_steps} steps in a row had a non-finite loss or gradient (by step {step}); saved "
+                        f"{path}, its weights the last finite ones. To go on at a lower learning rate, start a new run "
+                        f"from it: --init_from {path} --out_dir {cfg.out_dir}-lower-lr and a lower --{lr_field(cfg)} "
+                        "(resuming this run retries at the same rate; --max_bad_steps tolerates longer streaks)")
 
             if cfg.val_size and (step % cfg.eval_every == 0 or done):
                 result["val_loss"] = evaluate(model, val_loader, device, autocast)
@@ -309,9 +348,9 @@ def train(cfg: VLMConfig):
             if step % cfg.eval_every == 0 or done:
                 reporter.plot_curves()
 
-            stopping = stop.requested  # every rank stops together if any was asked to
+            stopping = stop.signum  # every rank stops together if any was asked to
             if world > 1:
-                stopping = bool(all_reduce(torch.tensor(float(stopping), device=device)) > 0)
+                stopping = int(all_reduce(torch.tensor(stopping, device=device), dist.ReduceOp.MAX))
             if step % cfg.save_every == 0 or done or stopping:
                 state["bad_steps"], state["bad_in_a_row"] = torch.stack([bad_total, bad_streak]).tolist()
                 state["data"] = tally.state_dict()
@@ -321,7 +360,24 @@ def train(cfg: VLMConfig):
     reporter.close()
     if skipped:  # as of the last log line (the last step always logs; a stop request may come between)
         reporter.print(f"skipped {sum(skipped.values())} of {seen} samples: {dict(skipped)}")
+        if sum(skipped.values()) > cfg.max_bad_fraction * seen:  # a short run ends before the check starts
+            reporter.print(f"warning: that is more than max_bad_fraction={cfg.max_bad_fraction}; the run did not stop "
+                           f"for it because the check starts after {min_seen} samples. Check the data")
+    if stopping:
+        raise Stopped(signal.Signals(stopping), state["step"], result["checkpoint"])
     return {**result, "model": model, "step": state["step"], "skipped": dict(skipped)}
+
+
+def lr_field(cfg):
+    return "projector_lr" if cfg.phase == "projector" else "lora_lr"
+
+
+def new_run_id():
+    """Rank 0's fresh id, on every rank."""
+    ids = [checkpoint.new_run_id()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(ids, src=0)
+    return ids[0]
 
 
 def run_command(task):
@@ -333,6 +389,9 @@ def run_command(task):
         return task()
     except (ConfigError, DataError, HubError) as e:
         sys.exit(f"error: {e}")
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

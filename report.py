@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from data.llava import ignore_stop_signals, start_workers
 from metrics import caption_scores
 
 
@@ -18,8 +19,9 @@ def printable(text):
 
 
 def step_line(step, total, lr, loss, s, skipped):
+    """loss None: nothing trained in the interval (every sample unusable, or every step skipped as non-finite)."""
     mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "-"
-    return (f"step {step:>6}/{total} | loss {loss:.4f} | lr {lr:.2e} | dt {s['dt_ms']:.0f}ms | "
+    return (f"step {step:>6}/{total} | loss {'-' if loss is None else f'{loss:.4f}'} | lr {lr:.2e} | dt {s['dt_ms']:.0f}ms | "
             f"{s['samples_per_s']:,.0f} samples/s | {s['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
             f"data wait {100 * s['data_wait']:.0f}% | skipped {skipped}")
 
@@ -29,7 +31,8 @@ def sample_captions(model, dataset, n, device, batch_size=64, num_workers=0, pro
     batches (skipped and text-only records left out); num_workers DataLoader workers decode the images meanwhile."""
     first_n = Subset(dataset, range(min(n, len(dataset))))
     rows = []
-    for chunk in tqdm(DataLoader(first_n, batch_size, num_workers=num_workers, collate_fn=list),
+    loader = DataLoader(first_n, batch_size, num_workers=num_workers, collate_fn=list, worker_init_fn=ignore_stop_signals)
+    for chunk in tqdm(start_workers(loader),
                       desc="captioning", disable=not progress, dynamic_ncols=True):
         chunk = [item for item in chunk if "pixel_values" in item]
         if not chunk:
@@ -54,7 +57,7 @@ def reference(tokenizer, item):
 
 
 class Reporter:
-    def __init__(self, cfg, rank, start_step):
+    def __init__(self, cfg, rank, start_step, run_id):
         self.path, self.quiet, self.wandb = Path(cfg.out_dir) / "log.jsonl", rank != 0, None
         if self.quiet:
             return
@@ -64,7 +67,8 @@ class Reporter:
             self.path.write_text("".join(line + "\n" for line in kept))
         if cfg.wandb_project:
             import wandb
-            self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), resume="allow")
+            # the run's own id: a resumed run logs on into its wandb run instead of starting a new one
+            self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), id=run_id, resume="allow")
 
     def print(self, line):
         if not self.quiet:

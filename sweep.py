@@ -109,8 +109,7 @@ def sweep(args):
         if s["name"] in done:
             continue
         cfg = dataclasses.replace(base, phase="lora", init_from=phase1.out_dir, out_dir=str(out / s["name"]),
-                                  resume=False,
-                                  **{k: v for k, v in s.items() if k != "name"})
+                                  **{k: v for k, v in s.items() if k != "name"})  # one cut short resumes
         saved["rows"].append({**s, "phases": "1+2", **held_out(main.train(cfg), cfg)})
         path.write_text(json.dumps(saved, indent=2) + "\n")  # after each setting: a sweep cut short keeps them
     path.write_text(json.dumps(saved, indent=2) + "\n")

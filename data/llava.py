@@ -7,9 +7,11 @@ Everything slow (JSON parsing, tokenizing, JPEG decoding, resizing) happens in _
 DataLoader worker processes. A record that cannot be used comes back as {"skip": reason} and is
 dropped (and counted) by the collator, so one bad JPEG never ends a run.
 """
+import hashlib
 import io
 import json
 import os
+import signal
 import zipfile
 import zlib
 from collections import Counter
@@ -35,17 +37,56 @@ def load_records(chat_json):
         raw = json.loads(Path(chat_json).read_bytes().decode("utf-8", errors="replace"))
     except json.JSONDecodeError as e:
         raise DataError(f"{chat_json} is not valid JSON ({e}): a truncated download or copy?") from None
-    if not isinstance(raw, list):
-        raise DataError(f"{chat_json} must hold a JSON array of LLaVA records")
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{chat_json} must hold a JSON array of LLaVA records" + (", and it is empty" if raw == [] else ""))
     return Dataset.from_dict({"record": [json.dumps(r) for r in raw]})
 
 
-def split_indices(n, val_size, seed):
-    """A held-out validation split chosen by a seeded permutation (the same on every rank and run)."""
+def data_identity(chat_json, n_records):
+    """What a checkpoint records of its training data: eval.py compares it to tell the checkpoint's own data
+    (where --split val means something) from another data set. The hash is of the file's bytes, so a moved copy
+    is still the same data."""
+    digest = hashlib.sha256()
+    with open(chat_json, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return {"chat_json": str(Path(chat_json).resolve()), "sha256": digest.hexdigest(), "records": n_records}
+
+
+SPLIT_SEED = 0  # the validation split is a property of the data set: every run on it, any --seed, holds out the same
+
+
+def split_indices(n, val_size):
+    """A held-out validation split chosen by a fixed permutation (the same on every rank, run and seed; a smaller
+    val_size holds out a subset of a larger one's records)."""
     if val_size >= n:
-        raise ValueError(f"val_size={val_size} leaves no training data in a data set of {n} records")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        raise DataError(f"--val_size {val_size} leaves no training data in a data set of {n} records; lower "
+                        f"--val_size (e.g. --val_size {n // 10})")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     return perm[val_size:], perm[:val_size]
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def ignore_stop_signals(worker_id):
+    """Every DataLoader's worker_init_fn: SIGINT and SIGTERM are the main process's to handle (it finishes the
+    step and saves). A scheduler or a shell signals the whole process group, and a worker killed by it made the
+    main process fail mid-step, before it saved. A worker still ends when its main process goes away (the
+    DataLoader's watchdog). Signals held back while it started (start_workers) are dropped now."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def start_workers(loader):
+    """iter(loader), with stop signals held back while its workers fork: a signal that reached a worker before
+    ignore_stop_signals ran would kill it. This process gets it right after."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class ImageStore:
@@ -56,6 +97,12 @@ class ImageStore:
         self.zip_path = root / "images.zip" if (root / "images.zip").is_file() else None
         self.folder = root / "images" if (root / "images").is_dir() else root
         self._zip = self._members = self._pid = None
+        if self.zip_path:  # a truncated download fails here, in one line, not inside a data worker
+            try:
+                zipfile.ZipFile(self.zip_path).close()
+            except (zipfile.BadZipFile, OSError) as e:
+                raise DataError(f"{self.zip_path} is not a readable zip ({e}): a truncated download or copy? "
+                                "Download or copy it again") from None
 
     def __getstate__(self):  # zip handles do not cross process boundaries; each worker opens its own
         return {**self.__dict__, "_zip": None, "_members": None, "_pid": None}
@@ -216,7 +263,7 @@ def steps_of_micro_batches(loader, start_step, grad_accum):
     endless sampler: the data order is a function of the step alone, which is what makes resuming exact. (When
     grad_accum does not divide an epoch's batches, a step may hold the end of one epoch and the start of the next.)"""
     loader.batch_sampler.start = start_step * grad_accum
-    batches = iter(loader)
+    batches = start_workers(loader)
     while True:
         yield [next(batches) for _ in range(grad_accum)]
 

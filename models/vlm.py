@@ -79,7 +79,7 @@ class VLM(nn.Module):
                                    cfg.pixel_unshuffle)
         self.vision.requires_grad_(False)
         self.lm.requires_grad_(False)
-        if cfg.gradient_checkpointing:  # transformers checkpoints layers in training mode only: the lora phase
+        if cfg.gradient_checkpointing:
             self.enable_gradient_checkpointing()
         if cfg.phase == "lora":
             apply_lora(self.lm.base_model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
@@ -105,6 +105,9 @@ class VLM(nn.Module):
             self.vision.eval()
         if self.cfg.phase == "projector":
             self.lm.eval()
+            if self.cfg.gradient_checkpointing:  # the backward still runs through the frozen LM's activations:
+                for layer in self.lm.base_model.layers:  # transformers checkpoints a layer only while its own flag
+                    layer.training = mode  # says training; set alone, it leaves every dropout inside it off
         return self
 
     def place(self, device):

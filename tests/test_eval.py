@@ -1,12 +1,18 @@
 """Evaluation: training scores its validation captions at the end of a phase, eval.py scores a checkpoint the same
-way into a JSON file, and every run draws curves.png."""
+way into a JSON file (the held-out records of its own training data, or every record of another data set), and
+every run draws curves.png."""
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
+import checkpoint
 import eval as evaluation
 import main
+from data.llava import data_identity, split_indices
+from models.vlm import VLM
 
 METRICS = {"cider", "bleu4", "rouge_l", "exact_match"}
 
@@ -24,6 +30,7 @@ def test_training_and_eval_py_score_the_same_held_out_captions(tiny_cfg, tmp_pat
     evaluation.main(["--checkpoint", cfg.out_dir, "--data_dir", cfg.data_dir, "--limit", "6", "--num_workers", "0",
                      "--device", "cpu", "--out", str(out)])
     written = json.loads(out.read_text())
+    assert written["split"] == "val"  # auto: the run's run.json names this data
     assert written["metrics"] == pytest.approx(scores)  # the same records, model and metrics as training's
     assert written["n"] == len(written["predictions"]) == 6
     assert all(set(p) == {"id", "prediction", "reference"} and p["reference"] for p in written["predictions"])
@@ -33,3 +40,95 @@ def test_eval_py_refuses_a_folder_without_chat_json_before_loading(tmp_path, cap
     with pytest.raises(SystemExit):
         evaluation.parse_args(["--checkpoint", str(tmp_path), "--data_dir", str(tmp_path)])
     assert "no chat.json there" in capsys.readouterr().err
+
+
+# --- which records: the checkpoint's own data, or another data set ---
+@pytest.fixture
+def trained_on(tiny_cfg, tmp_path):
+    """A checkpoint whose run.json says it trained on the tiny data set, as a training run's does."""
+    path = tmp_path / "ckpt"
+    checkpoint.save_model(VLM.from_config(tiny_cfg), path)
+    chat_json = Path(tiny_cfg.data_dir) / "chat.json"
+    n = len(json.loads(chat_json.read_text()))
+    (path / checkpoint.RUN_INFO).write_text(json.dumps({"run_id": "test", "data": data_identity(chat_json, n)}))
+    return path
+
+
+def other_data(tiny_cfg, folder, records):
+    """A data set of these records (dicts), with the tiny data set's images."""
+    folder.mkdir()
+    shutil.copy(Path(tiny_cfg.data_dir) / "images.zip", folder)
+    (folder / "chat.json").write_text(json.dumps(records))
+    return folder
+
+
+def tiny_records(tiny_cfg):
+    return json.loads((Path(tiny_cfg.data_dir) / "chat.json").read_text())
+
+
+def run_eval(capsys, ckpt, data_dir, *args):
+    """eval.py on CPU, in this process; returns what it printed."""
+    evaluation.main(["--checkpoint", str(ckpt), "--data_dir", str(data_dir), "--num_workers", "0", "--device", "cpu",
+                     *args])
+    return capsys.readouterr().out
+
+
+def data_id(data_dir):
+    """The short id of a data set that other data's result files carry: its chat.json's sha256, 8 hex digits."""
+    return data_identity(Path(data_dir) / "chat.json", 0)["sha256"][:8]
+
+
+def refusal(monkeypatch, ckpt, data_dir, *args):
+    """eval.py's one-line error, given before any model loads."""
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a: pytest.fail("loaded the model before refusing"))
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["--checkpoint", str(ckpt), "--data_dir", str(data_dir), "--device", "cpu", *args])
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
+    return e.value.code
+
+
+def test_auto_scores_the_held_out_records_of_the_training_data_and_every_record_of_another(
+        tiny_cfg, trained_on, tmp_path, capsys):
+    printed = run_eval(capsys, trained_on, tiny_cfg.data_dir, "--limit", "4")
+    assert "split val (auto)" in printed and "is the data" in printed
+    own = json.loads((trained_on / "eval_val.json").read_text())
+    assert own["split"] == "val"
+    records = tiny_records(tiny_cfg)
+    held_out = {records[i]["id"] for i in split_indices(len(records), tiny_cfg.val_size)[1]}
+    assert len(own["predictions"]) == 4 and {p["id"] for p in own["predictions"]} <= held_out
+
+    test_set = other_data(tiny_cfg, tmp_path / "test_set", records[:5])
+    printed = run_eval(capsys, trained_on, test_set)
+    assert "split all (auto)" in printed and "is not the data" in printed
+    other = json.loads((trained_on / f"eval_all-{data_id(test_set)}.json").read_text())
+    assert other["split"] == "all" and [p["id"] for p in other["predictions"]] == [r["id"] for r in records[:5]]
+    assert json.loads((trained_on / "eval_val.json").read_text()) == own  # the training data's result stays
+
+
+def test_split_val_on_other_data_is_refused(tiny_cfg, trained_on, tmp_path, monkeypatch):
+    test_set = other_data(tiny_cfg, tmp_path / "test_set", tiny_records(tiny_cfg)[:5])
+    assert "use --split all" in refusal(monkeypatch, trained_on, test_set, "--split", "val")
+
+
+def test_a_checkpoint_without_run_json_needs_an_explicit_split(tiny_cfg, trained_on, monkeypatch):
+    (trained_on / checkpoint.RUN_INFO).unlink()  # as checkpoints written before run.json existed
+    assert "pass --split val if" in refusal(monkeypatch, trained_on, tiny_cfg.data_dir)
+
+
+def test_a_chat_json_that_is_not_json_is_refused(tmp_path, trained_on, monkeypatch):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "chat.json").write_text('[{"id": "cut short')
+    assert "not valid JSON" in refusal(monkeypatch, trained_on, tmp_path / "broken")
+
+
+def test_skipped_records_are_counted_with_their_reasons(tiny_cfg, trained_on, tmp_path, capsys):
+    records = tiny_records(tiny_cfg)[:4]
+    missing = [{**r, "id": f"gone{i}", "image": f"gone{i}.jpg"} for i, r in enumerate(records[:2])]
+    text_only = {"id": "text", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]}
+    data = other_data(tiny_cfg, tmp_path / "holes", records + missing + [text_only])
+    # one worker: the records are read in another process, whose skips must still be counted here
+    printed = run_eval(capsys, trained_on, data, "--num_workers", "1")
+    written = json.loads((trained_on / f"eval_all-{data_id(data)}.json").read_text())
+    assert written["n"] == 4 and written["skipped"] == 3
+    assert written["skipped_reasons"] == {"missing_image": 2, "text_only": 1}
+    assert "4 records scored, 3 skipped: missing_image 2, text_only 1" in printed

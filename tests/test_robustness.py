@@ -217,7 +217,7 @@ def test_training_on_bad_data_uses_what_it_can_and_counts_the_rest(tiny_assets, 
     """One whole epoch (every training record seen once, in worker processes): the skip counts are exact."""
     n_cases, val_size, batch_size = len(bad_cases()), 4, 8
     n_good = 16 + (-(16 + n_cases - val_size)) % batch_size  # the training split fills whole batches
-    train_idx, val_idx = split_indices(n_good + n_cases, val_size, tiny_cfg.seed)
+    train_idx, val_idx = split_indices(n_good + n_cases, val_size)
     root, expected = bad_dataset(tiny_assets, tmp_path / "data", n_good, good_at=val_idx)  # all bad ones train
     cfg = dataclasses.replace(tiny_cfg, data_dir=str(root), val_size=val_size, batch_size=batch_size, epochs=1,
                               max_bad_fraction=0.9, num_workers=2, eval_captions=4)
@@ -290,7 +290,7 @@ def test_data_more_bad_than_max_bad_fraction_stops(tiny_assets, tiny_cfg, tmp_pa
 def test_a_bad_first_batch_alone_does_not_stop_a_mostly_good_run(tiny_assets, tiny_cfg, tmp_path):
     """8 unusable records of 144 (max_bad_fraction 0.5) happen to make up the first batch: that is no reason
     to stop, just as the same records spread over the epoch are none."""
-    train_idx, _ = split_indices(160, tiny_cfg.val_size, tiny_cfg.seed)
+    train_idx, _ = split_indices(160, tiny_cfg.val_size)
     first_batch = next(iter(ShardedBatchSampler(len(train_idx), tiny_cfg.batch_size, seed=tiny_cfg.seed)))
     bad = [train_idx[j] for j in first_batch]
     cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_missing_images(tiny_assets, tmp_path / "d", bad),
@@ -384,7 +384,8 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch, on_opti
     assert steps == [(True, True), (False, False), (False, False), (True, True), (True, True)]
     log = [json.loads(line) for line in open(Path(cfg.out_dir) / "log.jsonl") if '"bad_steps"' in line]
     assert [entry["bad_steps"] for entry in log] == [0, 1, 2, 2, 2]
-    assert all(np.isfinite(entry["loss"]) for entry in log)  # a skipped step does not poison the logged loss
+    # a skipped step does not poison the logged loss: an interval of skipped steps alone has none
+    assert [entry["loss"] is None or np.isfinite(entry["loss"]) and "ok" for entry in log] == ["ok", True, True, "ok", "ok"]
     # the schedule follows the updates applied: steps 2 and 3 are skipped, so steps 2-4 all get the rate of
     # update 1, and each log line shows the rate its step used
     schedule = transformers.get_cosine_schedule_with_warmup(
@@ -454,7 +455,7 @@ FORKSERVER.set_forkserver_preload(["main"])
 def _at_nth(point, n, action):
     """Runs action() at the n-th time a child reaches `point`: "load" (before it loads the data), "step" (before an
     optimizer step: its gradient is computed, the weights not yet changed), "save" (mid-save: the weights are in
-    the temp dir, the train state is not)."""
+    the temp dir, the train state is not), "eval" (in an evaluation, its data workers started)."""
     calls = []
 
     def reached(*args):
@@ -464,7 +465,8 @@ def _at_nth(point, n, action):
     if point == "step":
         register_optimizer_step_pre_hook(reached)
         return
-    owner, name, after = {"load": (main, "build_data", False), "save": (checkpoint, "save_model", True)}[point]
+    owner, name, after = {"load": (main, "build_data", False), "save": (checkpoint, "save_model", True),
+                          "eval": (main, "start_workers", True)}[point]
     real = getattr(owner, name)
 
     def wrapped(*args, **kwargs):
@@ -489,9 +491,12 @@ def _hold(marker):
 
 
 def _child(argv, log, env, fail_at=None, pause_at=None):
-    """In a fresh child process: what `python main.py ARGV` does, output to `log`; with fail_at=(rank, step),
+    """In a fresh child process, in a process group of its own (with its data workers, as a shell's job or a
+    scheduler's step): what `python main.py ARGV` does, output to `log`; with fail_at=(rank, step),
     that rank raises at that step; with pause_at=(point, n), the run holds the n-th time it reaches that point
     (see _at_nth) until the test signals it (a kill at a point the test chose, never after a delay)."""
+    if os.getpgid(0) != os.getpid():  # (torchrun starts each rank as the leader of its own)
+        os.setpgid(0, 0)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -531,6 +536,10 @@ class Run:
 
     def signal(self, signum):
         os.kill(self.process.pid, signum)
+
+    def signal_group(self, signum):
+        """As a scheduler or a shell stops a job: every process of the group, the data workers too."""
+        os.killpg(self.process.pid, signum)
 
     def finish(self, timeout=120):
         self.process.join(timeout)
@@ -619,11 +628,32 @@ def test_sigterm_and_sigint_save_and_exit_cleanly_then_resume_exactly(tiny_cfg, 
         run = Run(cli_args(cfg), tmp_path / f"{signum.name}.txt", pause_at=("step", 3))  # 2 steps trained
         run.wait_until_held()
         run.signal(signum)
-        assert run.finish() == 0, run.output()
+        assert run.finish() == 128 + signum, run.output()  # 143, 130: a stopped run is not a finished one
         assert f"{signum.name}: finishing this step, saving, then exiting" in run.output()
         assert newest(out) == before + 3  # it finished the step it was in, saved it, and trained no other
         assert json.loads(log_lines(out)[-1])["step"] == newest(out)
         assert not before or f"resumed from {out / f'step_{before:08d}'}" in run.output()
+    run_to_completion(cfg, tmp_path / "last.txt", expected)
+
+
+STOP_POINTS = [("step", 3, 3), ("eval", 1, 4), ("save", 1, 7)]  # (point, n-th time, the checkpoint it ends with)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_still_saves_then_resumes_exactly(tiny_cfg, tmp_path):
+    """A scheduler's stop reaches every process of the job, the data workers too: they leave it to the main
+    process, which finishes its step (its evaluation, its save), saves and exits 143, wherever the signal finds it."""
+    cfg = dataclasses.replace(tiny_cfg, max_steps=12, batch_size=4, num_workers=2, save_every=2, eval_every=4,
+                              val_size=8)
+    out = Path(cfg.out_dir)
+    expected = unbroken_weights(dataclasses.replace(cfg, num_workers=0))  # workers do not change the numbers
+    for point, n, saved in STOP_POINTS:
+        run = Run(cli_args(cfg), tmp_path / f"{point}.txt", pause_at=(point, n))
+        run.wait_until_held()
+        run.signal_group(signal.SIGTERM)
+        assert run.finish() == 128 + signal.SIGTERM, run.output()
+        assert "DataLoader worker" not in run.output() and newest(out) == saved, (point, run.output())
+        assert "stopped by SIGTERM" in run.output()
     run_to_completion(cfg, tmp_path / "last.txt", expected)
 
 
@@ -669,3 +699,208 @@ def test_ddp_rank_failure_ends_every_rank_without_a_hang(tiny_cfg, tmp_path, lau
     assert "simulated failure at (1, 2)" in (tmp_path / "rank1.txt").read_text()
     if launcher == "processes":  # under torchrun the agent may stop rank 0 before its own error: both are fine
         assert "RuntimeError" in (tmp_path / "rank0.txt").read_text()  # an error of its own, not a kill
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_job_saves_on_every_rank_then_resumes(tiny_cfg, tmp_path):
+    """SIGTERM to torchrun's process group: the agent passes it to each rank's group (the rank and its workers);
+    both ranks finish the step, save it together and exit 143; running the job again ends where one process would."""
+    cfg = dataclasses.replace(tiny_cfg, max_steps=6, batch_size=4, num_workers=1, save_every=1000)
+    script = tmp_path / "held_rank.py"
+    script.write_text(f"import os, sys\nsys.path[:0] = {[str(REPO), str(REPO / 'tests')]}\n"
+                      "from test_robustness import _child\n"
+                      f"_child(sys.argv[1:], f'{tmp_path}/rank{{os.environ[\"RANK\"]}}.txt', {{}}, pause_at=('step', 3))\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    job = subprocess.Popen([*torchrun, str(script), *cli_args(cfg)], cwd=REPO, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ranks = [Path(f"{tmp_path}/rank{r}.txt") for r in (0, 1)]
+    deadline = time.monotonic() + 180
+    while not all(Path(f"{log}.held").exists() for log in ranks):  # both ranks hold before step 3's update
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGTERM)
+    agent_output = job.communicate(timeout=120)[0]
+    assert job.returncode != 0, agent_output[-3000:]
+    for log in ranks:
+        assert "stopped by SIGTERM at step 3" in log.read_text(), log.read_text()[-3000:]
+    assert steps_saved(cfg.out_dir) == [3] and not list(Path(cfg.out_dir).glob(".tmp-*"))
+    subprocess.run([*torchrun, "main.py", *cli_args(cfg)], cwd=REPO, check=True, timeout=300, capture_output=True)
+    expected = unbroken_weights(dataclasses.replace(cfg, batch_size=8, num_workers=0))  # 1 process x 8 = 2 x 4
+    got = final_weights(cfg.out_dir)
+    assert newest(cfg.out_dir) == 6 and got.keys() == expected.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+# ============================================================================ one run per out_dir
+def test_a_new_run_refuses_an_out_dir_that_holds_another_and_deletes_nothing(tiny_cfg, monkeypatch):
+    """The issue's twin run: --resume false into the folder of a longer run used to lose every new checkpoint to
+    the old run's rotation. It stops before anything loads, naming what is there and the ways out."""
+    first = dataclasses.replace(tiny_cfg, max_steps=4, save_every=1)
+    main.train(first)
+    before = {p.name: (p / WEIGHTS).read_bytes() for p in Path(first.out_dir).glob("step_*")}
+    log = (Path(first.out_dir) / "log.jsonl").read_text()
+    forbid_loading(monkeypatch)
+    with pytest.raises(ConfigError, match=r"holds another run \(step_00000003, step_00000004, log.jsonl\).*"
+                                          r"leave out --resume false.*new --out_dir.*--init_from"):
+        main.train(dataclasses.replace(first, max_steps=2, projector_lr=3e-3, resume=False))
+    assert {p.name: (p / WEIGHTS).read_bytes() for p in Path(first.out_dir).glob("step_*")} == before
+    assert (Path(first.out_dir) / "log.jsonl").read_text() == log
+
+
+def test_rotation_removes_only_checkpoints_of_the_run_that_saves(tiny_cfg, tmp_path):
+    model = VLM.from_config(tiny_cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    out = tmp_path / "run"
+    state = {"step": 80, "run_id": "other", "data": {}, "data_identity": {}}
+    checkpoint.save(out, model, optimizer, scheduler, state, 0, keep_last=2)
+    (out / "step_00000090").mkdir()  # one of an older tinyvlm (no run.json): whose it is, nobody knows
+    for step in (1, 2, 3):
+        checkpoint.save(out, model, optimizer, scheduler, {**state, "step": step, "run_id": "mine"}, 0, keep_last=2)
+    assert steps_saved(out) == [2, 3, 80, 90]
+    assert checkpoint.run_info(out / "step_00000003")["run_id"] == "mine"
+    assert oct((out / "step_00000003" / WEIGHTS).stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_two_trainings_cannot_share_an_out_dir_and_a_dead_ones_lock_does_not_block(tiny_cfg, monkeypatch):
+    cfg = dataclasses.replace(tiny_cfg, max_steps=1)
+    with checkpoint.OutDir(cfg, rank=0):  # a training that holds the folder (a lock per open file: even this process)
+        forbid_loading(monkeypatch)
+        with pytest.raises(ConfigError, match=rf"another training \(pid {os.getpid()}\) is writing to"):
+            main.train(cfg)
+    monkeypatch.undo()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)",
+                               str(Path(cfg.out_dir) / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    holder.kill()  # a training killed with SIGKILL: the OS releases its lock
+    holder.wait()
+    assert main.train(cfg)["step"] == 1
+
+
+def test_a_stopped_phase_stops_the_demo_with_the_signals_exit_code(tiny_cfg, monkeypatch):
+    """Ctrl-C in phase 1 used to go on to phase 2 on a half-trained projector and exit 0."""
+    import demo
+    phases = []
+
+    def stopped_training(cfg):
+        phases.append(cfg.phase)
+        raise main.Stopped(signal.SIGINT, 7, Path(cfg.out_dir) / "step_00000007")
+    monkeypatch.setattr(main, "train", stopped_training)
+    monkeypatch.setattr(demo, "prepare", lambda cfg: cfg)
+    with pytest.raises(SystemExit) as e:
+        main.run_command(lambda: demo.run(tiny_cfg))
+    assert e.value.code == 130 and phases == ["projector"]
+
+
+# ============================================================================ mistakes answered before slow work
+def truncated_zip(tiny_assets, tmp_path):
+    root = shutil.copytree(tiny_assets.data_dir, tmp_path / "truncated")
+    data = (root / "images.zip").read_bytes()
+    (root / "images.zip").write_bytes(data[: len(data) // 2])
+    return root
+
+
+DATA_MISTAKES = {  # id: (what the message must say, the change)
+    "empty_chat_json": ("holds no|is empty", lambda p: dict(data_dir=str(p.empty))),
+    "val_size_too_large": (r"--val_size 1000 leaves no training data in a data set of 160 records; lower --val_size",
+                           lambda p: dict(val_size=1000)),
+    "truncated_images_zip": ("is not a readable zip", lambda p: dict(data_dir=str(p.truncated))),
+    "cuda_without_a_gpu": ("'device' = 'cuda', but torch sees no CUDA GPU", lambda p: dict(device="cuda")),
+    "grad_accum_over_an_epoch": ("'grad_accum' = 100", lambda p: dict(grad_accum=100)),
+}
+
+
+@pytest.mark.parametrize("message, changes", DATA_MISTAKES.values(), ids=DATA_MISTAKES.keys())
+def test_data_and_device_mistakes_stop_in_one_line_before_the_model_loads(tiny_cfg, tiny_assets, tmp_path,
+                                                                          monkeypatch, message, changes):
+    if "cuda" in message and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    empty = tmp_path / "empty"
+    shutil.copytree(tiny_assets.data_dir, empty)
+    (empty / "chat.json").write_text("[]")
+    cfg = dataclasses.replace(tiny_cfg, **changes(SimpleNamespace(empty=empty, truncated=truncated_zip(tiny_assets, tmp_path))))
+    monkeypatch.setattr(VLM, "from_config", lambda *a: pytest.fail("the model loaded before the data was checked"))
+    with pytest.raises(SystemExit, match=f"^error: .*({message})") as e:
+        main.main(cli_args(cfg))
+    assert "\n" not in str(e.value.code)
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("main.py", ["--phase", "lorra"], "'phase' = 'lorra'"),
+    ("main.py", ["--batch_size", "-4"], "'batch_size' = -4"),
+    ("main.py", ["--projector_lr", "-1"], "'projector_lr' = -1.0"),
+    ("main.py", ["--data_dir", "/nonexistent"], "'data_dir' = '/nonexistent'"),
+    ("demo.py", ["--epochs", "-1"], "'epochs' = -1"),
+    ("demo.py", ["--data_dir", "/nonexistent"], "'data_dir' = '/nonexistent'"),
+])
+def test_a_bad_flag_is_named_before_the_hub_or_any_training(tmp_path, script, flags, message):
+    """With the default hub backbones and no hub, a typo'd value used to get the hub's error."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, script, *flags, "--out_dir", str(tmp_path / "run")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and message in out.stderr and "Hub" not in out.stderr, out.stderr
+    assert "== phase" not in out.stdout and len(out.stderr.strip().splitlines()) == 1
+
+
+# ============================================================================ what the log and the result say
+def test_a_run_stopped_for_non_finite_steps_can_go_on(tiny_cfg, monkeypatch):
+    """Resuming retries (the saved streak no longer stops it at once), and the message's way to a lower rate, a new
+    run from the checkpoint, trains from its weights."""
+    on_projector_forward(monkeypatch, lambda call, out: out * float("nan") if call in (2, 3, 4) else out)
+    cfg = dataclasses.replace(tiny_cfg, max_steps=6, max_bad_steps=3)
+    with pytest.raises(RuntimeError, match=r"--init_from \S+step_00000004 --out_dir \S+-lower-lr and a lower "
+                                           r"--projector_lr") as e:
+        main.train(cfg)
+    assert "resuming this run retries" in str(e.value)
+    assert main.train(cfg)["step"] == 6  # its next steps are finite: it goes on
+    saved = load_file(str(Path(cfg.out_dir) / "step_00000004" / WEIGHTS))
+    lower = dataclasses.replace(cfg, init_from=str(Path(cfg.out_dir) / "step_00000004"),
+                                out_dir=cfg.out_dir + "-lower-lr", projector_lr=cfg.projector_lr / 10, max_steps=2)
+    starts, build_optimizer = [], main.build_optimizer
+    monkeypatch.setattr(main, "build_optimizer", lambda c, model: (starts.append(trainable(model)),
+                                                                   build_optimizer(c, model))[1])
+    assert main.train(lower)["step"] == 2
+    assert same(starts[0], saved)
+
+
+def test_a_step_with_no_usable_sample_logs_no_loss_and_a_short_bad_run_is_called_out(tiny_cfg, tiny_assets, tmp_path,
+                                                                                   capsys):
+    """80% unusable records in a run shorter than the 100 samples the stop check waits for."""
+    train_idx, _ = split_indices(160, tiny_cfg.val_size)
+    sampler = ShardedBatchSampler(len(train_idx), tiny_cfg.batch_size, seed=tiny_cfg.seed)
+    first = [train_idx[j] for j in next(iter(sampler))]
+    bad = first + [i for i in train_idx if i not in first][:100]  # the first batch wholly, then most others
+    cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_missing_images(tiny_assets, tmp_path / "d", bad),
+                              max_steps=3, max_bad_fraction=0.05)
+    result = main.train(cfg)
+    assert result["losses"][0] == (1, None)
+    out = capsys.readouterr().out
+    assert "step      1/3 | loss - |" in out
+    assert "more than max_bad_fraction=0.05; the run did not stop for it because the check starts after 100" in out
+    assert json.loads(log_lines(cfg.out_dir)[0])["loss"] is None
+
+
+def test_the_validation_split_does_not_depend_on_the_seed(tiny_cfg):
+    """Phase 2 with another --seed must not train on phase 1's held-out records."""
+    splits = [main.open_data(dataclasses.replace(tiny_cfg, seed=seed), 0, 1)["val_idx"] for seed in (0, 1, 7)]
+    assert splits[0] == splits[1] == splits[2] and len(splits[0]) == tiny_cfg.val_size
+
+
+def test_wandb_logs_a_resumed_run_into_the_same_wandb_run(tiny_cfg, monkeypatch):
+    import wandb
+    inits = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: inits.append(kw) or SimpleNamespace(log=lambda *a, **k: None,
+                                                                                        finish=lambda: None))
+    cfg = dataclasses.replace(tiny_cfg, wandb_project="p", max_steps=1)
+    main.train(cfg)
+    main.train(cfg)  # resumes (a finished run: it reports and returns)
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow"
+    assert inits[0]["id"] == checkpoint.run_info(Path(cfg.out_dir) / "step_00000001")["run_id"]

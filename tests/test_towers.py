@@ -170,3 +170,23 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_cfg, tiny
     assert grads_ckpt.keys() == grads.keys() and any("vision." in n for n in grads)
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], msg=name)
+
+
+def test_gradient_checkpointing_recomputes_the_frozen_lm_in_the_projector_phase(tiny_cfg, tiny_batch):
+    """Phase 1's backward runs through the frozen LM's activations (to the projector): checkpointing saves memory
+    there too. Its layers recompute, to the same gradients, and dropout inside them stays off."""
+    def grads_and_calls(checkpointing):
+        torch.manual_seed(0)
+        model = VLM.from_config(dataclasses.replace(tiny_cfg, gradient_checkpointing=checkpointing)).train()
+        calls = []
+        model.lm.base_model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+        model(**tiny_batch(model)).loss.backward()
+        assert not any(m.training for m in model.lm.modules() if isinstance(m, torch.nn.Dropout))
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(calls)
+
+    grads, calls = grads_and_calls(False)
+    grads_ckpt, calls_ckpt = grads_and_calls(True)
+    assert (calls, calls_ckpt) == (1, 2)
+    assert grads.keys() == grads_ckpt.keys() and all(n.startswith("projector.") for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], msg=name)

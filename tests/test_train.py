@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import weakref
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +37,7 @@ def first_step_gradient(cfg, on_optimizer_step, **changes):
     """The gradient the optimizer sees at each step of main.train (no clipping)."""
     grads = []
     on_optimizer_step(lambda opt: grads.append(torch.cat([p.grad.flatten() for p in trainable_params(opt)])))
-    main.train(dataclasses.replace(cfg, grad_clip=0.0, resume=False, **changes))
+    main.train(dataclasses.replace(cfg, grad_clip=0.0, out_dir=tempfile.mkdtemp(dir=Path(cfg.out_dir).parent), **changes))
     return grads
 
 
