@@ -80,6 +80,12 @@ def check_prompt(prompt):
         raise InputError(f"The prompt holds {IMAGE_TOKEN} more than once; the model reads one image, at one place.")
 
 
+def message(text):
+    """A message for the page about what the person gave it. gradio prints a traceback to the console for every
+    gr.Error it catches unless print_exception is off: input the page has answered is not a fault to look into."""
+    return gr.Error(text, print_exception=False)
+
+
 def read_upload(preprocess, payload):
     """gr.Image's `preprocess`, but an uploaded file goes through read_image: a bad file gets a message."""
     if payload is None or payload.path is None:
@@ -87,18 +93,18 @@ def read_upload(preprocess, payload):
     try:
         return read_image(payload.path)
     except InputError as e:
-        raise gr.Error(str(e)) from None
+        raise message(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- the page
 def caption_stream(model, image, prompt, temperature, top_p, max_new_tokens):
     """Yields the caption so far, each time the model adds a piece (generation runs in a thread)."""
     if image is None:
-        raise gr.Error("Drop, paste or pick an image first.")
+        raise message("Drop, paste or pick an image first.")
     try:
         check_prompt(prompt)
     except InputError as e:
-        raise gr.Error(str(e)) from None
+        raise message(str(e)) from None
     streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
     device = next(model.parameters()).device
     pixel_values = image_pixels(model.processor, [image], model.cfg.image_fit).to(device)  # [1, 3, H, W] uint8
@@ -115,8 +121,8 @@ def caption_stream(model, image, prompt, temperature, top_p, max_new_tokens):
     for piece in streamer:
         caption += piece
         yield caption
-    if failed:
-        raise gr.Error(f"The model could not caption this: {failed[0]}")
+    if failed:  # a fault, not the person's input: the console gets its traceback (chained from the thread's error)
+        raise gr.Error(f"The model could not caption this: {failed[0]}") from failed[0]
 
 
 def build_page(model, examples_dir):
@@ -137,7 +143,7 @@ def build_page(model, examples_dir):
         if samples:
             gr.Examples([[str(p)] for p in samples], inputs=[image], label="held-out images of the demo")
         button.click(partial(caption_stream, model),
-                     [image, prompt, temperature, top_p, max_new_tokens], caption)
+                     [image, prompt, temperature, top_p, max_new_tokens], caption, api_name="caption")
     return page
 
 

@@ -26,7 +26,7 @@ def parse_args(argv):
                    help="val: the records the checkpoint's run held out; all: every record; auto: val on the "
                         "checkpoint's training data, all on other data")
     p.add_argument("--limit", type=int, default=0, help="score the first N records of the split only; 0 = all")
-    p.add_argument("--out", default="", help="the JSON file; default: eval_<split>[-<data id>].json in the checkpoint dir")
+    p.add_argument("--out", default="", help="the JSON file; default: eval_<split>[-<data id>].json in the checkpoint")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers decoding images")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -45,7 +45,6 @@ if __name__ == "__main__":  # bad arguments answer now, before the slow imports 
 
 import json  # noqa: E402
 import os  # noqa: E402
-from collections import Counter  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
 import torch  # noqa: E402
@@ -71,7 +70,7 @@ class EvalData(NamedTuple):
 
 def open_data(path, data_dir, requested):
     """The records to score, checked before the model loads: a data mistake (a truncated chat.json or zip, the
-    wrong split for this data) costs a second, not the minutes of loading."""
+    wrong split for this data) is said in a second, not after the model has loaded."""
     chat_json = Path(data_dir).expanduser() / "chat.json"
     records = load_records(chat_json)
     identity = data_identity(chat_json, len(records))
@@ -106,35 +105,11 @@ def pick_split(requested, identity, trained_on, path):
     return split, own, f"{data} is the data {path} trained on: scoring {held}"
 
 
-class SkipWatch(torch.utils.data.Dataset):
-    """A data set, flagging each record it gives without an image (skipped: a missing or corrupt image, a malformed
-    record, ...; or text-only), which report.sample_captions leaves out unsaid. The flags are a tensor in shared
-    memory: the DataLoader's worker processes, where the records are read, write them; this process reads them."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-        self.flags = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        item = self.dataset[i]
-        self.flags[i] = "pixel_values" not in item
-        return item
-
-    def reasons(self):
-        """{reason: count} of the flagged records, read again here: they are few, and fail fast (no image)."""
-        return Counter(self.dataset[i].get("skip", "text_only") for i in self.flags.nonzero().flatten().tolist())
-
-
 def evaluate(model, dataset, device, batch_size, num_workers, limit=0):
     """({metric: score}, [{id, prediction, reference}], {reason: count of skipped records}) over the first `limit`
     records (0: all)."""
-    watched = SkipWatch(dataset)
-    scores, rows = caption_metrics(model, watched, limit or len(dataset), device, batch_size=batch_size,
-                                   num_workers=num_workers, progress=True)
-    skipped = watched.reasons()
+    scores, rows, skipped = caption_metrics(model, dataset, limit or len(dataset), device, batch_size=batch_size,
+                                            num_workers=num_workers, progress=True)
     if not rows:
         raise DataError(f"no record of the split could be used ({describe(skipped)})")
     return scores, [{"id": id_, "prediction": caption, "reference": truth} for id_, caption, truth in rows], skipped

@@ -338,11 +338,11 @@ def train_phase(cfg, rank, world, device):
 
             if cfg.val_size and (step % cfg.eval_every == 0 or done):
                 result["val_loss"] = evaluate(model, val_loader, device, autocast)
-                captions = sample_captions(model, val_loader.dataset, cfg.eval_captions, device) if rank == 0 else []
+                captions = sample_captions(model, val_loader.dataset, cfg.eval_captions, device)[0] if rank == 0 else []
                 reporter.print(f"step {step}: val loss {result['val_loss']:.4f}")
                 reporter.log(step, {"val_loss": result["val_loss"]}, captions)
                 if done and cfg.metric_records and rank == 0:  # the captioning metrics: once a phase, they are slow
-                    result["caption_scores"], _ = caption_metrics(model, val_loader.dataset, cfg.metric_records, device)
+                    result["caption_scores"], _, _ = caption_metrics(model, val_loader.dataset, cfg.metric_records, device)
                     reporter.print(f"step {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in result["caption_scores"].items()))
                     reporter.log(step, {f"val_{k}": v for k, v in result["caption_scores"].items()})
             if step % cfg.eval_every == 0 or done:

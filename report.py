@@ -3,6 +3,7 @@
 Only rank 0 reports; the other ranks stay quiet.
 """
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,28 +28,29 @@ def step_line(step, total, lr, loss, s, skipped):
 
 
 def sample_captions(model, dataset, n, device, batch_size=64, num_workers=0, progress=False):
-    """(id, caption, reference) for the image records among the first n (fixed) of a dataset, captioned in
-    batches (skipped and text-only records left out); num_workers DataLoader workers decode the images meanwhile."""
+    """(rows, skipped): (id, caption, reference) for the image records among the first n (fixed) of a dataset,
+    captioned in batches, and {reason: count} of the records left out (unusable ones by their skip reason,
+    text-only ones as text_only); num_workers DataLoader workers decode the images meanwhile."""
     first_n = Subset(dataset, range(min(n, len(dataset))))
-    rows = []
+    rows, skipped = [], Counter()
     loader = DataLoader(first_n, batch_size, num_workers=num_workers, collate_fn=list, worker_init_fn=ignore_stop_signals)
-    for chunk in tqdm(start_workers(loader),
-                      desc="captioning", disable=not progress, dynamic_ncols=True):
+    for chunk in tqdm(start_workers(loader), desc="captioning", disable=not progress, dynamic_ncols=True):
+        skipped.update(item.get("skip", "text_only") for item in chunk if "pixel_values" not in item)
         chunk = [item for item in chunk if "pixel_values" in item]
         if not chunk:
             continue
         captions = model.generate(torch.stack([item["pixel_values"] for item in chunk]).to(device))
         rows += [(item["id"], caption, reference(model.tokenizer, item)) for item, caption in zip(chunk, captions)]
-    return rows
+    return rows, skipped
 
 
 def caption_metrics(model, dataset, n, device, **captioning):
-    """(metrics.caption_scores, sample_captions rows) of the first n usable records, or ({}, []) if none is usable.
-    captioning: sample_captions' batch_size, num_workers, progress."""
-    rows = sample_captions(model, dataset, n, device, **captioning)
+    """(metrics.caption_scores, rows, skipped) of sample_captions over the first n records; scores {} if none is
+    usable. captioning: sample_captions' batch_size, num_workers, progress."""
+    rows, skipped = sample_captions(model, dataset, n, device, **captioning)
     if not rows:
-        return {}, []
-    return caption_scores([caption for _, caption, _ in rows], [truth for _, _, truth in rows]), rows
+        return {}, [], skipped
+    return caption_scores([caption for _, caption, _ in rows], [truth for _, _, truth in rows]), rows, skipped
 
 
 def reference(tokenizer, item):

@@ -86,7 +86,7 @@ def held_out(result, cfg):
     """Exact-caption accuracy (greedy) and loss on the held-out split, for the model main.train returned."""
     model = result["model"]
     _, val_loader = main.build_data(cfg, model, 0, 1)
-    rows = sample_captions(model, val_loader.dataset, len(val_loader.dataset), next(model.parameters()).device)
+    rows, _ = sample_captions(model, val_loader.dataset, len(val_loader.dataset), next(model.parameters()).device)
     return {"accuracy": sum(caption == ref for _, caption, ref in rows) / max(len(rows), 1),
             "val_loss": result["val_loss"], "examples": [[printable(c), ref] for _, c, ref in rows[:3]]}
 

@@ -65,14 +65,51 @@ def test_the_caption_streams_to_what_generate_writes(tiny_checkpoint, red_square
     assert stream[-1].strip() == expected
 
 
+def too_long(*args):
+    raise ValueError("the prompt is longer than the LM's context")
+
+
 def test_a_failed_generation_ends_the_stream_with_a_message(tiny_checkpoint, red_square, monkeypatch):
     model = checkpoint.load_model(tiny_checkpoint)
-
-    def too_long(*args):
-        raise ValueError("the prompt is longer than the LM's context")
     monkeypatch.setattr(model, "generate", too_long)
     with pytest.raises(gr.Error, match="could not caption this: the prompt is longer"):
         list(app.caption_stream(model, app.read_image(red_square), "<image> hi", 0.0, 1.0, 8))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(tiny_checkpoint, tmp_path):
+    """(model, a client of the page), served by this process: the test sees what the server prints."""
+    from gradio_client import Client
+    model = checkpoint.load_model(tiny_checkpoint)
+    page = app.build_page(model, tmp_path / "no_examples")
+    page.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    yield model, Client(page.local_url, verbose=False)
+    page.close()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")  # gradio's queue statistics, under pandas 3
+def test_messages_about_the_input_print_no_traceback_and_faults_do(served, red_square, tmp_path, capfd, monkeypatch):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    model, client = served
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    for image, prompt, said in ((not_an_image, "<image> hi", "not an image"), (red_square, " ", "prompt is empty")):
+        with pytest.raises(AppError, match=said):
+            client.predict(handle_file(str(image)), prompt, 0.0, 1.0, 4, api_name="/caption")
+    assert "Traceback" not in capfd.readouterr().err  # the person got the message; the console has nothing to fix
+    monkeypatch.setattr(model, "generate", too_long)
+    with pytest.raises(AppError, match="could not caption this"):
+        client.predict(handle_file(str(red_square)), "<image> hi", 0.0, 1.0, 4, api_name="/caption")
+    printed = capfd.readouterr().err
+    assert "Traceback" in printed and "ValueError: the prompt is longer" in printed  # the fault's own traceback
 
 
 # ----------------------------------------------------------------------------- a real browser
@@ -96,9 +133,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def page_url(tiny_checkpoint, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen([sys.executable, "app.py", "--checkpoint", str(tiny_checkpoint), "--port", str(port),
                                "--device", "cpu", "--examples", str(tmp_path_factory.mktemp("none"))],

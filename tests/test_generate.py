@@ -1,5 +1,7 @@
 """Generation: KV cache, batching, per-sequence end-of-turn, LoRA merge and export, the generate.py CLI."""
+import copy
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -9,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import checkpoint
+import generate
 from conftest import REPO
 from data.shapes import draw
 from bench import greedy_without_cache
 from generate import export, load_image
-from models.lora import lora_layers
+from models.lora import lora_layers, strip_lora
 from models.prompt import DEFAULT_PROMPT, encode_prompt
 from checkpoint import load_model, save_model
 from models.vision import image_pixels
@@ -103,19 +107,53 @@ def test_export_gives_the_logits_of_the_unmerged_adapters(tiny_cfg, tmp_path, lo
         assert (base(text).logits - lm_logits).abs().max() > 1e-2  # the adapters did change the LM
 
 
+def test_export_merges_a_bf16_lm_in_fp32(tiny_cfg, tiny_assets, tmp_path):
+    """transformers loads an LM in its saved dtype (the hub's SmolLM2 is bf16). Adding a small adapter update to
+    bf16 weights rounds most of it away; export merges, and saves, in fp32."""
+    lm = tmp_path / "lm_bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_assets.lm, dtype=torch.bfloat16).save_pretrained(lm)
+    AutoTokenizer.from_pretrained(tiny_assets.lm).save_pretrained(lm)
+    model = tiny_model(tiny_cfg, phase="lora", lm_model=str(lm)).eval()
+    assert next(model.lm.parameters()).dtype == torch.bfloat16
+    for layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=1e-4)  # an update ~1/3000 of the weights; bf16 resolves 1/256
+    ids = torch.tensor([encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * len(SHAPES))
+
+    def logits(m):  # in fp32: bf16 weights are exact in fp32, so only the merge's rounding differs
+        with torch.no_grad():
+            return m.float()(ids, pixels(m)).logits
+
+    reference = logits(copy.deepcopy(model))  # the adapters unmerged: the checkpoint's own math
+    without_update = copy.deepcopy(model)
+    for layer in lora_layers(without_update):
+        torch.nn.init.zeros_(layer.lora_B)
+    update = (reference - logits(without_update)).abs().max()
+    bf16_merge = copy.deepcopy(model)
+    strip_lora(bf16_merge.lm)  # W + BA rounded to bf16, as a merge in the loaded dtype does
+    export(model, tmp_path / "export")
+    merged = load_model(tmp_path / "export").eval()
+    assert next(merged.lm.parameters()).dtype == torch.float32  # saved, and so reloaded, in fp32
+    # fp32: W + BA rounds differently from W x + B A x, by up to a few 1e-6 of the logits' scale (~7 here)
+    atol = 1e-5 * reference.abs().max()
+    torch.testing.assert_close(logits(merged), reference, rtol=0, atol=atol)
+    lost = (logits(bf16_merge) - reference).abs().max()
+    assert lost > 100 * atol and lost > update / 2  # a bf16 merge would miss by most of the update
+
+
 # --- the command line ---
 def write_images(folder):
-    """Every awkward kind of input: alpha, grayscale, palette, 16-bit, 1x1, a missing file, a text file."""
+    """Every awkward kind of input: alpha, grayscale (an upper-case suffix), palette, 16-bit, 1x1, a text file
+    named as an image, and a text file named as one. Returns what generate.py reads of the folder, in its order."""
     folder.mkdir()
-    files = {"rgba.png": SHAPES[0].convert("RGBA"), "gray.jpg": SHAPES[1].convert("L"),
+    files = {"rgba.png": SHAPES[0].convert("RGBA"), "gray.JPG": SHAPES[1].convert("L"),
              "palette.png": SHAPES[2].convert("P"), "dot.png": Image.new("RGB", (1, 1), (200, 30, 30)),
              "deep.png": Image.fromarray((np.arange(64 * 48, dtype=np.uint16) * 20).reshape(48, 64))}
     for name, image in files.items():
         image.save(folder / name)
     assert Image.open(folder / "deep.png").mode.startswith("I")
-    (folder / "notes.txt").write_text("not an image")
-    return [folder / n for n in ("rgba.png", "missing.jpg", "gray.jpg", "notes.txt", "palette.png", "dot.png",
-                                 "deep.png")]
+    (folder / "broken.png").write_text("not an image")
+    (folder / "notes.txt").write_text("not an image either, and not named as one")
+    return sorted(folder / name for name in [*files, "broken.png"])
 
 
 def generate_cli(*args):
@@ -135,15 +173,64 @@ def lora_checkpoint(tiny_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_captions_every_image_and_reports_bad_files(lora_checkpoint, tmp_path):
+def test_cli_captions_a_folder_image_by_image_and_reports_bad_files(lora_checkpoint, tmp_path):
     model, run_dir = lora_checkpoint
     files = write_images(tmp_path / "images")
-    out = generate_cli("--checkpoint", run_dir, "--batch_size", 2, *files)
+    out = generate_cli("--checkpoint", run_dir, "--batch_size", 2, tmp_path / "images")
     assert out.returncode != 0
-    good = [f for f in files if f.name not in ("missing.jpg", "notes.txt")]
+    good = [f for f in files if f.name != "broken.png"]
     expected = model.generate(pixels(model, [load_image(f) for f in good]))
     assert captions(out) == {str(f): " ".join(c.split()) for f, c in zip(good, expected)}
-    assert "missing.jpg" in out.stderr and "notes.txt" in out.stderr and "2 of 7" in out.stderr
+    assert list(captions(out)) == [str(f) for f in good]  # in the folder's sorted order
+    assert "broken.png" in out.stderr and "notes.txt" not in out.stderr and "1 of 6" in out.stderr
+    assert f"loaded checkpoint {run_dir / 'step_00000001'}" in out.stderr  # the run dir's newest step, named
+
+
+def refused(argv, monkeypatch, capsys):
+    """generate.py's usage error for argv, given before any model loads."""
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a: pytest.fail("loaded the model before refusing"))
+    with pytest.raises(SystemExit):
+        generate.main(list(map(str, argv)))
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+def test_image_paths_are_checked_before_the_model_loads(lora_checkpoint, tmp_path, monkeypatch, capsys):
+    run_dir = lora_checkpoint[1]
+    files = write_images(tmp_path / "images")
+    args = generate.parse_args(["--checkpoint", str(run_dir), str(files[-1]), str(tmp_path / "images")])
+    assert args.images == [str(files[-1])] + [str(f) for f in files]  # a folder stands for its image files
+    (tmp_path / "empty").mkdir()
+    for path, said in ((tmp_path / "missing.jpg", "missing.jpg: no such file or folder"),
+                       (tmp_path / "empty", "empty: a folder without image files")):
+        assert said in refused(["--checkpoint", run_dir, files[0], path], monkeypatch, capsys)
+
+
+def test_export_refuses_a_file_and_a_folder_that_is_not_an_export(lora_checkpoint, tmp_path, monkeypatch, capsys):
+    model, run_dir = lora_checkpoint
+    (tmp_path / "file").write_text("someone's")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.md").write_text("someone's")
+    assert "that is a file" in refused(["--checkpoint", run_dir, "--export", tmp_path / "file"], monkeypatch, capsys)
+    assert "not a previous export, holding notes.md" in refused(
+        ["--checkpoint", run_dir, "--export", tmp_path / "work"], monkeypatch, capsys)
+    with pytest.raises(ValueError, match="not a previous export"):  # export itself guards other callers
+        export(model, tmp_path / "work")
+    assert (tmp_path / "work" / "notes.md").read_text() == (tmp_path / "file").read_text() == "someone's"
+
+
+def test_export_replaces_a_previous_export_and_carries_run_json(lora_checkpoint, tmp_path, capsys):
+    step = lora_checkpoint[1] / "step_00000001"
+    run = {"run_id": "abc", "data": {"chat_json": "/data/chat.json", "sha256": "0" * 64, "records": 160}}
+    (step / checkpoint.RUN_INFO).write_text(json.dumps(run))
+    out = tmp_path / "merged"
+    out.mkdir()  # an empty folder is fine
+    generate.main(["--checkpoint", str(lora_checkpoint[1]), "--export", str(out)])
+    assert f"loaded checkpoint {step}" in capsys.readouterr().err
+    (out / "lm" / "stale.bin").write_text("left by the previous export")
+    generate.main(["--checkpoint", str(step), "--export", str(out)])
+    assert not (out / "lm" / "stale.bin").exists()  # replaced, not mixed with the new one
+    assert checkpoint.run_info(out) == run  # what eval.py reads to know the data it trained on
+    assert not lora_layers(load_model(out))
 
 
 @pytest.mark.slow
@@ -154,7 +241,7 @@ def test_cli_without_images_is_a_usage_error(lora_checkpoint):
 
 @pytest.mark.slow
 def test_cli_export_captions_like_the_adapters(lora_checkpoint, tmp_path):
-    files = write_images(tmp_path / "images")[4:]
+    files = write_images(tmp_path / "images")[1:4]  # three that read
     with_adapters = generate_cli("--checkpoint", lora_checkpoint[1], "--export", tmp_path / "merged", *files)
     merged = generate_cli("--checkpoint", tmp_path / "merged", *files)
     assert with_adapters.returncode == merged.returncode == 0, with_adapters.stderr + merged.stderr

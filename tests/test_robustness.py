@@ -515,10 +515,11 @@ def _child(argv, log, env, fail_at=None, pause_at=None):
 class Run:
     """One training process (see _child) and its log."""
 
-    def __init__(self, argv, log, env=None, fail_at=None, pause_at=None):
+    def __init__(self, argv, log, env=None, fail_at=None, pause_at=None, workers=False):
+        """workers: the run starts data workers, which a daemon process may not; the test then ends it (finish)."""
         self.log, self.held = Path(log), Path(f"{log}.held")
         self.process = FORKSERVER.Process(target=_child, args=(argv, str(log), env or {}, fail_at, pause_at),
-                                          daemon=True)
+                                          daemon=not workers)
         self.process.start()
 
     def wait_for(self, condition, timeout=120):
@@ -578,7 +579,7 @@ def unbroken_weights(cfg):
 
 
 def run_to_completion(cfg, log, expected_weights):
-    run = Run(cli_args(cfg), log)
+    run = Run(cli_args(cfg), log, workers=cfg.num_workers > 0)
     assert run.finish() == 0, run.output()
     assert newest(cfg.out_dir) == cfg.max_steps
     assert same(final_weights(cfg.out_dir), expected_weights)
@@ -648,10 +649,12 @@ def test_sigterm_to_the_whole_process_group_still_saves_then_resumes_exactly(tin
     out = Path(cfg.out_dir)
     expected = unbroken_weights(dataclasses.replace(cfg, num_workers=0))  # workers do not change the numbers
     for point, n, saved in STOP_POINTS:
-        run = Run(cli_args(cfg), tmp_path / f"{point}.txt", pause_at=(point, n))
-        run.wait_until_held()
-        run.signal_group(signal.SIGTERM)
-        assert run.finish() == 128 + signal.SIGTERM, run.output()
+        run = Run(cli_args(cfg), tmp_path / f"{point}.txt", pause_at=(point, n), workers=True)
+        try:
+            run.wait_until_held()
+            run.signal_group(signal.SIGTERM)
+        finally:
+            assert run.finish() == 128 + signal.SIGTERM, run.output()
         assert "DataLoader worker" not in run.output() and newest(out) == saved, (point, run.output())
         assert "stopped by SIGTERM" in run.output()
     run_to_completion(cfg, tmp_path / "last.txt", expected)
