@@ -139,9 +139,9 @@ def test_compiled_lora_blocks_match_eager(cuda_cfg, tiny_batch, checkpointing):
                                    msg=name)
 
 
-def test_compiled_projector_phase_with_checkpointing_matches_eager(cuda_cfg, tiny_batch):
+def test_compiled_projector_phase_with_checkpointing_matches_it_without(cuda_cfg, tiny_batch):
     """Phase 1 of a big LM checkpoints the frozen LM's layers (their activations carry the projector's gradient),
-    inside the compiled, CUDA-graphed layers too: eager's loss and gradients."""
+    inside the compiled layers too (compile_blocks leaves CUDA graphs out there): the same loss and gradients."""
     def loss_and_grads(checkpointing, compiled):
         torch.manual_seed(0)
         model = VLM.from_config(dataclasses.replace(cuda_cfg, gradient_checkpointing=checkpointing)).cuda().train()
@@ -151,9 +151,8 @@ def test_compiled_projector_phase_with_checkpointing_matches_eager(cuda_cfg, tin
         loss.backward()
         return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    loss, grads = loss_and_grads(checkpointing=False, compiled=False)
+    loss, grads = loss_and_grads(checkpointing=False, compiled=True)
     loss_ckpt, grads_ckpt = loss_and_grads(checkpointing=True, compiled=True)
     torch.testing.assert_close(loss_ckpt, loss, rtol=1e-4, atol=0)
     for name in grads:
-        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-3, atol=1e-3 * grads[name].abs().max().item(),
-                                   msg=name)
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-3, atol=1e-3 * grads[name].abs().max().item())
