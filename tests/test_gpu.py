@@ -114,45 +114,42 @@ def test_a_checkpoint_loads_on_cuda_as_it_trained(cuda_cfg):
     assert loaded.generate(pixels) == result["model"].generate(pixels)
 
 
+def one_step(cfg, tiny_batch, compiled, prepare=lambda model: None):
+    """(loss, {name: gradient}) of one forward and backward of a fresh model (seed 0), compiled per block or eager;
+    prepare(model) runs first."""
+    torch.manual_seed(0)
+    model = VLM.from_config(cfg).cuda().train()
+    prepare(model)
+    if compiled:
+        model.compile_blocks(n_lengths=4)
+    loss = loss_of(model, tiny_batch(model))
+    loss.backward()
+    return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_step(got, expected):
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=0)
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-3, atol=1e-3 * grad.abs().max().item(), msg=name)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_lora_blocks_match_eager(cuda_cfg, tiny_batch, checkpointing):
     """LoRA on the LM and the tower inside the per-layer torch.compile with CUDA graphs, with and without
     gradient checkpointing (a big LM's LoRA run): eager's loss and gradients."""
-    def loss_and_grads(checkpointing, compiled):
-        torch.manual_seed(0)
-        cfg = dataclasses.replace(cuda_cfg, phase="lora", init_from="x", lora_vision=True,
-                                  gradient_checkpointing=checkpointing)
-        model = VLM.from_config(cfg).cuda()
+    def nonzero_adapters(model):
         for layer in lora_layers(model):
             torch.nn.init.normal_(layer.lora_B, std=0.1)
-        if compiled:
-            model.compile_blocks(n_lengths=4)
-        loss = loss_of(model, tiny_batch(model))
-        loss.backward()
-        return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    loss, grads = loss_and_grads(checkpointing=False, compiled=False)
-    loss_ckpt, grads_ckpt = loss_and_grads(checkpointing=checkpointing, compiled=True)
-    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-4, atol=0)
-    for name in grads:
-        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-3, atol=1e-3 * grads[name].abs().max().item(),
-                                   msg=name)
+    lora = dataclasses.replace(cuda_cfg, phase="lora", init_from="x", lora_vision=True)
+    eager = one_step(lora, tiny_batch, compiled=False, prepare=nonzero_adapters)
+    compiled = one_step(dataclasses.replace(lora, gradient_checkpointing=checkpointing), tiny_batch, compiled=True,
+                        prepare=nonzero_adapters)
+    assert_same_step(compiled, eager)
 
 
 def test_compiled_projector_phase_with_checkpointing_matches_it_without(cuda_cfg, tiny_batch):
     """Phase 1 of a big LM checkpoints the frozen LM's layers (their activations carry the projector's gradient),
     inside the compiled layers too (compile_blocks leaves CUDA graphs out there): the same loss and gradients."""
-    def loss_and_grads(checkpointing, compiled):
-        torch.manual_seed(0)
-        model = VLM.from_config(dataclasses.replace(cuda_cfg, gradient_checkpointing=checkpointing)).cuda().train()
-        if compiled:
-            model.compile_blocks(n_lengths=4)
-        loss = loss_of(model, tiny_batch(model))
-        loss.backward()
-        return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    loss, grads = loss_and_grads(checkpointing=False, compiled=True)
-    loss_ckpt, grads_ckpt = loss_and_grads(checkpointing=True, compiled=True)
-    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-4, atol=0)
-    for name in grads:
-        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-3, atol=1e-3 * grads[name].abs().max().item())
+    plain = one_step(cuda_cfg, tiny_batch, compiled=True)
+    checkpointed = one_step(dataclasses.replace(cuda_cfg, gradient_checkpointing=True), tiny_batch, compiled=True)
+    assert_same_step(checkpointed, plain)
