@@ -611,7 +611,7 @@ def test_sigkill_anywhere_then_resume_matches_an_unbroken_run(tiny_cfg, tmp_path
         assert newest(out) == before + k - 1
         assert not before or f"resumed from {out / f'step_{before:08d}'}" in run.output()
         latest = out / f"step_{newest(out):08d}"  # the newest checkpoint is always whole
-        assert sorted(p.name for p in latest.iterdir()) == ["config.json", "rng_0.pt", "train_state.pt", WEIGHTS]
+        assert sorted(p.name for p in latest.iterdir()) == ["config.json", "rng_0.pt", "run.json", "train_state.pt", WEIGHTS]
     assert newest(out) < cfg.max_steps
     run_to_completion(cfg, tmp_path / "last.txt", expected)
     assert not list(out.glob(".tmp-*"))  # the half-written checkpoint was cleared when its step was saved again
