@@ -112,6 +112,7 @@ def build_data(cfg, model, rank, world, data=None):
     """This rank's training batches (a sampler that can start at any step), and the validation split, of
     open_data's data (opened here if not given)."""
     data = data or open_data(cfg, rank, world)
+
     def dataset(indices):
         return LlavaDataset(data["records"], indices, data["images"], model.tokenizer, model.processor,
                             model.n_image_tokens, cfg.max_text_tokens, cfg.image_fit)
