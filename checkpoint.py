@@ -31,7 +31,7 @@ WEIGHTS = "trainable.safetensors"
 RUN_INFO = "run.json"
 # Fields a resumed run may change: they do not touch the math of training. Any other change stops the run. (A
 # preset only sets other fields, which are compared themselves.)
-RESUMABLE_CHANGES = ("preset", "cache_dir", "num_workers", "pad_multiple", "max_bad_fraction", "max_bad_steps",
+RESUMABLE_CHANGES = ("preset", "cache_dir", "num_workers", "max_bad_fraction", "max_bad_steps",
                      "device", "compile", "cuda_graphs", "gradient_checkpointing", "log_every", "eval_every",
                      "eval_captions", "metric_records", "save_every", "keep_last", "out_dir", "resume", "wandb_project")
 SAME_BACKBONES = ("vision_model", "fused_vision_model", "lm_model", "vision_feature_layer", "pixel_unshuffle",

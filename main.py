@@ -2,7 +2,7 @@
 
     uv run python main.py                                   # phase 1: align the projector on LLaVA-CC3M-595K
     uv run python main.py --phase lora --init_from checkpoints/run --out_dir checkpoints/lora   # phase 2
-    torchrun --standalone --nproc_per_node 8 main.py --batch_size 16   # DDP, one process per GPU: global batch 128
+    torchrun --standalone --nproc_per_node 8 main.py --batch_tokens 2048   # DDP, one process per GPU: 16384 a step
     uv run python main.py --help                            # every config field, its default and its meaning
     uv run python demo.py                                   # offline, CPU, about a minute: both phases
 """
@@ -35,9 +35,9 @@ from tqdm import tqdm  # noqa: E402
 
 import checkpoint  # noqa: E402
 from data.download import DataError, ensure_dataset  # noqa: E402
-from data.llava import (Collator, ImageStore, LlavaDataset, ShardedBatchSampler, SkipTally,  # noqa: E402
-                        data_identity, filler_batch, ignore_stop_signals, load_records, split_indices,
-                        start_workers, steps_of_micro_batches)
+from data.llava import (ImageStore, LlavaDataset, SkipTally, data_identity, ignore_stop_signals,  # noqa: E402
+                        load_records, split_indices, start_workers, steps_of_micro_batches)
+from data.packing import Packer, PackedBatchSampler, n_image_shapes, plan_micro_batches, sample_lengths  # noqa: E402
 from models.vlm import VLM, check_shapes  # noqa: E402
 from report import Reporter, caption_metrics, sample_captions, step_line  # noqa: E402
 from throughput import Meter  # noqa: E402
@@ -93,39 +93,43 @@ def build_model(cfg, device, resuming):
     return model.place(device)
 
 
-def open_data(cfg, rank, world):
-    """The records, their split, the images and this rank's sampler, checked before the model loads: a data
-    mistake (an empty or truncated file, too few records) costs seconds, not the minutes of loading."""
+def open_data(cfg):
+    """The records, their split and the images, checked before the model loads: a data mistake (an empty or
+    truncated file, too few records) costs seconds, not the minutes of loading."""
     root = ensure_dataset(cfg)
     chat_json = Path(cfg.chat_json).expanduser() if cfg.chat_json else root / "chat.json"
     records = load_records(chat_json)
     train_idx, val_idx = split_indices(len(records), cfg.val_size)
-    sampler = ShardedBatchSampler(len(train_idx), cfg.batch_size, rank, world, cfg.seed)
-    if len(sampler) < cfg.grad_accum:
-        raise ConfigError(f"config field 'grad_accum' = {cfg.grad_accum}: more micro-batches than one epoch has "
-                          f"({len(sampler)} per rank); lower grad_accum or batch_size")
-    return dict(records=records, train_idx=train_idx, val_idx=val_idx, images=ImageStore(root), sampler=sampler,
+    return dict(records=records, train_idx=train_idx, val_idx=val_idx, images=ImageStore(root),
                 identity=data_identity(chat_json, len(records)))
 
 
 def build_data(cfg, model, rank, world, data=None):
-    """This rank's training batches (a sampler that can start at any step), and the validation split, of
-    open_data's data (opened here if not given)."""
-    data = data or open_data(cfg, rank, world)
+    """This rank's packed training micro-batches (a sampler that can start at any step) and validation split, of
+    open_data's data (opened here if not given). Packing plans with every record's length: tokenizing them all
+    takes a pass over the text first (data/packing.py)."""
+    data = data or open_data(cfg)
 
     def dataset(indices):
         return LlavaDataset(data["records"], indices, data["images"], model.tokenizer, model.processor,
                             model.n_image_tokens, cfg.max_text_tokens, cfg.image_fit)
 
+    train, val = dataset(data["train_idx"]), dataset(data["val_idx"][rank::world])
+    sampler = PackedBatchSampler(sample_lengths(train, cfg.num_workers), cfg.batch_size, cfg.batch_tokens, rank,
+                                 world, cfg.seed)
+    if len(sampler) < cfg.grad_accum:
+        raise ConfigError(f"config field 'grad_accum' = {cfg.grad_accum}: more micro-batches than one epoch has "
+                          f"({len(sampler)} per rank); lower grad_accum or batch_tokens")
+    val_batches = plan_micro_batches(range(len(val)), sample_lengths(val, cfg.num_workers), cfg.batch_size,
+                                     cfg.batch_tokens)
     # Training's workers live as long as the run's one iterator (the sampler never ends), an evaluation's as long
     # as the evaluation: none outlive the run. They leave stop signals to this process (ignore_stop_signals).
     loading = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                   collate_fn=Collator(model.tokenizer.pad_token_id, model.vision.pixel_shape, cfg.pad_multiple),
+                   collate_fn=Packer(model.tokenizer.pad_token_id, model.vision.pixel_shape, cfg.batch_size,
+                                     cfg.batch_tokens, model.max_sample_len),
                    worker_init_fn=ignore_stop_signals,
                    generator=torch.Generator())  # its own RNG: starting the data must not shift dropout's
-    train_loader = DataLoader(dataset(data["train_idx"]), batch_sampler=data["sampler"], **loading)
-    val_loader = DataLoader(dataset(data["val_idx"][rank::world]), batch_size=cfg.batch_size, **loading)
-    return train_loader, val_loader
+    return DataLoader(train, batch_sampler=sampler, **loading), DataLoader(val, batch_sampler=val_batches, **loading)
 
 
 def build_optimizer(cfg, model):
@@ -142,7 +146,7 @@ def build_optimizer(cfg, model):
 
 
 def to_device(batch, device):
-    keys = ("input_ids", "pixel_values", "labels", "label_index")
+    keys = ("input_ids", "pixel_values", "labels", "label_index", "position_ids", "cu_seqlens")
     return {k: batch[k].to(device, non_blocking=True) for k in keys}
 
 
@@ -156,10 +160,9 @@ def evaluate(model, loader, device, autocast):
     model.eval()
     loss_sum, n_tokens = torch.zeros((), device=device), 0
     for b in start_workers(loader):
-        if b["pixel_values"] is not None:
-            with autocast:
-                loss_sum += model(**to_device(b, device)).loss_sum
-            n_tokens += b["n_label_tokens"]
+        with autocast:
+            loss_sum += model(**to_device(b, device)).loss_sum
+        n_tokens += b["n_label_tokens"]
     model.train()
     total = all_reduce(torch.stack([loss_sum, torch.tensor(float(n_tokens), device=device)]))
     return (total[0] / total[1].clamp(min=1)).item()
@@ -231,7 +234,7 @@ def train_phase(cfg, rank, world, device):
     resume_from = checkpoint.newest(cfg.out_dir) if cfg.resume else None
     if resume_from:
         checkpoint.check_resume(cfg, resume_from, world)
-    data = open_data(cfg, rank, world)
+    data = open_data(cfg)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; DDP gives every rank rank 0's initial weights
     model = build_model(cfg, device, resuming=resume_from is not None)
     train_loader, val_loader = build_data(cfg, model, rank, world, data)
@@ -248,14 +251,13 @@ def train_phase(cfg, rank, world, device):
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
     forward = ddp or model
     if cfg.compile and device.type == "cuda":
-        n_lengths = -(-(model.n_image_tokens + cfg.max_text_tokens) // cfg.pad_multiple)
-        model.compile_blocks(n_lengths, cuda_graphs=cfg.cuda_graphs and ddp is None)  # untested under DDP
+        model.compile_blocks(n_image_shapes(cfg.batch_size), cuda_graphs=cfg.cuda_graphs and ddp is None)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # fixed gradient buffers, zeroed after each step: a CUDA-graphed backward writes its outputs
         p.grad = torch.zeros_like(p)  # to memory that the next micro-batch's replay reuses (grad_accum > 1)
     steps = steps_of_micro_batches(train_loader, state["step"], cfg.grad_accum)
-    tally, min_seen = SkipTally(**state["data"]), min(100, len(train_loader.batch_sampler) * cfg.batch_size)
+    tally, min_seen = SkipTally(**state["data"]), min(100, len(data["train_idx"]))
     # non-finite steps and the logged loss are summed on the device and read at log lines: no sync per step
     bad_total, bad_streak = torch.tensor(state["bad_steps"], device=device), torch.tensor(state["bad_in_a_row"], device=device)
     # a resumed run's streak goes on, but only steps of this run can stop it: a run stopped for non-finite steps
@@ -265,7 +267,7 @@ def train_phase(cfg, rank, world, device):
     seen, skipped = tally.seen, tally.skipped  # summed over ranks at each log line
     result = {"losses": [], "stats": [], "val_loss": None, "caption_scores": None, "checkpoint": resume_from}
     reporter.print(f"phase {cfg.phase}: {sum(p.numel() for p in params):,} trainable parameters, {model.n_image_tokens} "
-                   f"image tokens, global batch {cfg.batch_size * cfg.grad_accum * world}, steps {state['step']}->{total}"
+                   f"image tokens, {cfg.batch_tokens * cfg.grad_accum * world} tokens a step, steps {state['step']}->{total}"
                    + (f", resumed from {resume_from}" if resume_from else ""))
     bar = tqdm(total=total, initial=state["step"], disable=rank != 0, dynamic_ncols=True, leave=False)
     first_step, stopping = state["step"] + 1, 0  # the step that compiles; the signal that stopped the run
@@ -285,11 +287,7 @@ def train_phase(cfg, rank, world, device):
             n_global = all_reduce(n_local.to(device, non_blocking=True))  # a blocking copy would wait for the GPU
             step_loss = torch.zeros((), device=device)
             try:
-                for i, batch in enumerate(batches):
-                    if batch["pixel_values"] is None and ddp is None:  # every record of it was unusable
-                        continue
-                    if batch["pixel_values"] is None:  # the same, but the other ranks wait for this rank's backward
-                        batch = filler_batch(train_loader.dataset, train_loader.collate_fn)
+                for i, batch in enumerate(batches):  # (one whose records were all unusable trains nothing: same shape)
                     with ddp.no_sync() if ddp and i < len(batches) - 1 else nullcontext():
                         with autocast:
                             out = forward(**to_device(batch, device))
@@ -300,8 +298,8 @@ def train_phase(cfg, rank, world, device):
                 optimizer.found_inf = (~finite).float()  # fused AdamW skips the update on the device (GradScaler's hook)
                 optimizer.step()
             except torch.cuda.OutOfMemoryError:
-                raise RuntimeError(f"CUDA out of memory at batch_size={cfg.batch_size}: lower --batch_size and raise "
-                                   "--grad_accum by the same factor (the global batch stays the same)") from None
+                raise RuntimeError(f"CUDA out of memory at batch_tokens={cfg.batch_tokens}: lower --batch_tokens and "
+                                   "raise --grad_accum by the same factor (a step's tokens stay the same)") from None
             scheduler.step()
             optimizer.zero_grad(set_to_none=False)
             state["step"] += 1

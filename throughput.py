@@ -64,9 +64,9 @@ class Meter:
 
     def add(self, batches, data_wait):
         """One optimizer step over `batches` (its micro-batches, as the collator made them)."""
-        lengths = [n for b in batches for n in b["attention_mask"].sum(1).tolist()]  # unpadded
+        lengths = [n for b in batches for n in b["lengths"]]  # the samples', not the padding's: the useful work
         self.steps, self.samples, self.tokens = self.steps + 1, self.samples + len(lengths), self.tokens + sum(lengths)
-        n_images = sum(len(b["pixel_values"]) for b in batches if b["pixel_values"] is not None)
+        n_images = sum(b["n_images"] for b in batches)
         self.flops += self.flops_of(lengths, sum(b["n_label_tokens"] for b in batches), n_images)
         self.data_wait += data_wait
 

@@ -5,7 +5,7 @@ trains the LM alone, and a batch may mix such samples with image samples.
 
 Everything slow (JSON parsing, tokenizing, JPEG decoding, resizing) happens in __getitem__, i.e. in
 DataLoader worker processes. A record that cannot be used comes back as {"skip": reason} and is
-dropped (and counted) by the collator, so one bad JPEG never ends a run.
+dropped (and counted) by the collator (data/packing.py), so one bad JPEG never ends a run.
 """
 import hashlib
 import io
@@ -23,7 +23,7 @@ from datasets import Dataset
 from PIL import Image, ImageOps
 
 from data.download import DataError
-from models.prompt import IGNORE, SampleError, encode, label_positions, to_messages
+from models.prompt import SampleError, encode, encoded_length, to_messages
 from models.vision import image_pixels
 
 
@@ -107,6 +107,16 @@ class ImageStore:
     def __getstate__(self):  # zip handles do not cross process boundaries; each worker opens its own
         return {**self.__dict__, "_zip": None, "_members": None, "_pid": None}
 
+    def has(self, name):
+        """Whether the image exists (packing's planning leaves a missing one out before reading any image)."""
+        return (self.folder / name).is_file() if self.zip_path is None else name in self.members()
+
+    def members(self):
+        if self._pid != os.getpid():
+            self._zip, self._pid = zipfile.ZipFile(self.zip_path), os.getpid()
+            self._members = {os.path.basename(i.filename): i for i in self._zip.infolist() if not i.is_dir()}
+        return self._members
+
     def read(self, name):
         if self.zip_path is None:
             path = self.folder / name
@@ -116,10 +126,7 @@ class ImageStore:
                 return path.read_bytes()
             except OSError as e:  # permissions, I/O error
                 raise SampleError("unreadable_image", f"{name!r}: {e.strerror}") from None
-        if self._pid != os.getpid():
-            self._zip, self._pid = zipfile.ZipFile(self.zip_path), os.getpid()
-            self._members = {os.path.basename(i.filename): i for i in self._zip.infolist() if not i.is_dir()}
-        if name not in self._members:
+        if name not in self.members():
             raise SampleError("missing_image", name)
         try:
             return self._zip.read(self._members[name])
@@ -165,12 +172,28 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
+    def record(self, i):
+        record = json.loads(self.records[self.indices[i]]["record"])
+        if not isinstance(record, dict) or not isinstance(record.get("image", ""), str):
+            raise SampleError("malformed_record", "needs 'conversations' and, if any, an 'image' file name")
+        return record
+
+    def length(self, i):
+        """The tokens record i's sample will take (0 for a record already known to be unusable), from its text alone."""
+        try:
+            record = self.record(i)
+            if "image" in record and not self.images.has(record["image"]):
+                return 0
+            messages = checked_messages(record.get("conversations"))
+            return encoded_length(self.tokenizer, messages, self.n_image_tokens, self.max_text_tokens,
+                                  has_image="image" in record)
+        except SampleError:
+            return 0
+
     def __getitem__(self, i):
         record_id = f"record #{self.indices[i]}"
         try:
-            record = json.loads(self.records[self.indices[i]]["record"])
-            if not isinstance(record, dict) or not isinstance(record.get("image", ""), str):
-                raise SampleError("malformed_record", "needs 'conversations' and, if any, an 'image' file name")
+            record = self.record(i)
             record_id = str(record.get("id", record_id)).encode("utf-8", "backslashreplace").decode()  # printable
             input_ids, labels = self.encode_text(record.get("conversations"), has_image="image" in record)
             sample = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "id": record_id}
@@ -182,80 +205,20 @@ class LlavaDataset(torch.utils.data.Dataset):
         return sample
 
     def encode_text(self, conversations, has_image):
-        messages = to_messages(conversations)
-        try:
-            for m in messages:  # a lone surrogate ("\ud800" in the JSON) is valid JSON but no text: the
-                m["content"].encode("utf-8")  # tokenizer would raise a TypeError that ends the run
-            return encode(self.tokenizer, messages, self.n_image_tokens, self.max_text_tokens, has_image=has_image)
-        except UnicodeError:
-            raise SampleError("bad_text", "text that cannot be encoded") from None
+        return encode(self.tokenizer, checked_messages(conversations), self.n_image_tokens, self.max_text_tokens,
+                      has_image=has_image)
 
 
-class Collator:
-    """Pads a batch (right padding) to its longest sample, rounded up to a multiple of pad_multiple, and drops
-    skipped records, counting them. Rounding leaves a handful of distinct lengths: compiled kernels (and CUDA
-    graphs) are made once per length and then reused, where one length per batch would recompile.
-    pixel_values holds the images of the samples that have one, in row order; a batch of text-only samples
-    gets an empty [0, 3, H, W] batch of images, which the vision tower and projector still run on, so every
-    step sends the same parameters through backward (DDP requires it) and gives the projector a zero gradient."""
-
-    def __init__(self, pad_id, image_shape, pad_multiple=1):
-        self.pad_id, self.pad_multiple = pad_id, pad_multiple
-        self.no_images = torch.zeros((0, *image_shape), dtype=torch.uint8)
-
-    def __call__(self, samples):
-        good = [s for s in samples if "skip" not in s]
-        bad = [s for s in samples if "skip" in s]
-        B, T = len(good), max((len(s["input_ids"]) for s in good), default=0)
-        T = -(-T // self.pad_multiple) * self.pad_multiple
-        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        labels = torch.full((B, T), IGNORE, dtype=torch.long)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)
-        for row, s in enumerate(good):
-            n = len(s["input_ids"])
-            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = s["input_ids"], s["labels"], 1
-        label_index = label_positions(labels)
-        images = [s["pixel_values"] for s in good if "pixel_values" in s]
-        return {
-            "input_ids": input_ids,                                            # [B, T]
-            "labels": labels,                                                  # [B, T]
-            "attention_mask": attention_mask,                                  # [B, T]
-            "pixel_values": (torch.stack(images) if images else self.no_images) if good else None,  # [B_img, 3, H, W]
-            "label_index": label_index,  # where the LM head runs (found here, on the CPU: no GPU sync)
-            "n_label_tokens": len(label_index),
-            "skipped": Counter(s["skip"] for s in bad),
-            "skipped_ids": [s["id"] for s in bad],
-        }
-
-
-class ShardedBatchSampler:
-    """Epoch after epoch, without end: a seeded permutation per epoch, dealt across ranks, cut into equal batches.
-
-    Every rank gets the same number of batches per epoch (the tail is dropped), and iteration can start at any
-    batch of any epoch, which is what makes resuming exact. Being endless, it lets one loader iterator serve the
-    whole run: the workers decode the next epoch's first batches while this epoch's last ones train (a fresh
-    iterator per epoch restarted the workers, a step of over a second at each epoch's start).
-    """
-
-    def __init__(self, n, batch_size, rank=0, world=1, seed=0):
-        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.start = 0  # the batch iteration begins at, counted over epochs: epoch = start // len(self)
-        if len(self) == 0:
-            raise ValueError(f"{n} training samples are fewer than one batch of {batch_size} per rank "
-                             f"x {world} ranks; lower batch_size")
-
-    def __len__(self):
-        """Batches per epoch."""
-        return self.n // self.world // self.batch_size
-
-    def __iter__(self):
-        epoch, first = divmod(self.start, len(self))
-        while True:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-            mine = perm[: len(self) * self.batch_size * self.world][self.rank::self.world]
-            for b in range(first, len(self)):
-                yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
-            epoch, first = epoch + 1, 0
+def checked_messages(conversations):
+    """to_messages, and every turn's text encodable: a lone surrogate ("\\ud800" in the JSON) is valid JSON but no
+    text, and the tokenizer would raise a TypeError that ends the run."""
+    messages = to_messages(conversations)
+    try:
+        for m in messages:
+            m["content"].encode("utf-8")
+    except UnicodeError:
+        raise SampleError("bad_text", "text that cannot be encoded") from None
+    return messages
 
 
 def steps_of_micro_batches(loader, start_step, grad_accum):
@@ -266,15 +229,6 @@ def steps_of_micro_batches(loader, start_step, grad_accum):
     batches = start_workers(loader)
     while True:
         yield [next(batches) for _ in range(grad_accum)]
-
-
-def filler_batch(dataset, collate):
-    """Stands in for a micro-batch whose records were all unusable: one sample whose labels are all ignored.
-    It trains nothing, but every rank still runs the backward whose all-reduce the other ranks wait for."""
-    sample = next((s for s in map(dataset.__getitem__, range(len(dataset))) if "skip" not in s), None)
-    if sample is None:
-        raise DataError("no record of the training split is usable; see the skip counts in the log")
-    return collate([{**sample, "labels": torch.full_like(sample["labels"], IGNORE)}])
 
 
 class SkipTally:
@@ -289,7 +243,7 @@ class SkipTally:
 
     def add(self, batches):
         for b in batches:
-            self.seen += len(b["input_ids"]) + len(b["skipped_ids"])
+            self.seen += len(b["lengths"]) + len(b["skipped_ids"])
             self.skipped.update(b["skipped"])
             self.examples = (self.examples + b["skipped_ids"])[:5]
 

@@ -52,11 +52,11 @@ class VLMConfig:
     val_size: int = 1000  # held-out records (chosen by seed, not by position)
     num_workers: int = 8
     max_bad_fraction: float = 0.05  # stop if more than this fraction of samples turn out unusable
-    pad_multiple: int = 64  # pad each batch's length up to a multiple of this: one or two shapes to compile
 
     # --- optimisation ---
-    batch_size: int = 128  # per device, per micro-step (one H100: 7 GiB projector phase, 10 GiB LoRA)
-    grad_accum: int = 1  # global batch = batch_size * grad_accum * world size; a smaller GPU: 64 x 2 (same result)
+    batch_tokens: int = 16384  # a micro-batch (per device): whole samples packed into this many tokens, one shape
+    batch_size: int = 256  # the most samples a micro-batch holds (CC3M: about 160 fill batch_tokens)
+    grad_accum: int = 1  # a step: batch_tokens * grad_accum * world size tokens; a smaller GPU: 8192 x 2 (same result)
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
     projector_lr: float = 1e-3  # phase 1: the projector's learning rate (LLaVA: 1e-3)
@@ -95,8 +95,8 @@ class VLMConfig:
         if self.phase == "lora" and not self.init_from:
             bad("init_from", "the lora phase starts from a projector checkpoint: pass --init_from DIR "
                 "(the out_dir of a --phase projector run)")
-        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "epochs", "pixel_unshuffle",
-                     "projector_hidden_dim", "max_text_tokens", "pad_multiple", "log_every", "eval_every", "save_every",
+        for name in ("lora_r", "lora_alpha", "batch_tokens", "batch_size", "grad_accum", "epochs", "pixel_unshuffle",
+                     "projector_hidden_dim", "max_text_tokens", "log_every", "eval_every", "save_every",
                      "keep_last", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
@@ -135,7 +135,7 @@ class VLMConfig:
     @classmethod
     def from_dict(cls, d):
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(known))
+        unknown = sorted(set(d) - set(known) - RETIRED)
         if unknown:
             warnings.warn(f"ignoring config keys this version of tinyvlm does not know: {unknown} "
                           "(the checkpoint was written by another version)")
@@ -146,12 +146,15 @@ class VLMConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+RETIRED = {"pad_multiple"}  # fields of older versions, read without a warning (packing made pad_multiple moot)
+
+
 # The reference recipes (README, "Beyond SigLIP + SmolLM2"), each a starting point that sets a few fields. Phase 1
 # trains the projector at projector_lr, phase 2 LoRA at lora_lr; gradient checkpointing and a small per-device
 # batch let the 3-4B LMs train on one 80 GB GPU (global batch 128, as LLaVA fine-tunes).
 # LoRA goes on every linear layer of the LM (lora_targets empty), Phi-3's fused qkv_proj and gate_up_proj included.
 PHI3_MINI = dict(lm_model="microsoft/Phi-3-mini-4k-instruct")
-BIG_LM = dict(lora_lr=2e-4, gradient_checkpointing=True, batch_size=16, grad_accum=8)
+BIG_LM = dict(lora_lr=2e-4, gradient_checkpointing=True, batch_tokens=4096, grad_accum=8)
 PRESETS = {
     "tinyvlm": {},  # the defaults above: SigLIP-B/16-224 + SmolLM2-135M
     # PhiClipMLLM / LLaVA-1.5: CLIP ViT-L/14-336 (24x24 patches, penultimate layer) + Phi-3-mini, LoRA on both

@@ -124,10 +124,10 @@ def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation
                   else "image_token_without_image")
         raise SampleError(reason, f"expected {int(has_image)} {IMAGE_TOKEN} in the conversation, found {n_images}")
     at = ids.index(image_id) if has_image else None
-    if max_text_tokens is not None and len(ids) - has_image > max_text_tokens:
+    keep = kept_tokens(len(ids), max_text_tokens, has_image)
+    if keep < len(ids):
         if has_image and at >= max_text_tokens:
             raise SampleError("image_beyond_max_text_tokens", f"{IMAGE_TOKEN} sits at text token {at}")
-        keep = max_text_tokens + has_image  # cut text, never the image
         ids, labels = ids[:keep], labels[:keep]
     if not generation_prompt and all(l == IGNORE for l in labels):
         raise SampleError("no_target_tokens", "nothing left to train on (empty or truncated reply)")
@@ -135,6 +135,19 @@ def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation
         ids = ids[:at] + [image_id] * n_image_tokens + ids[at + 1:]
         labels = labels[:at] + [IGNORE] * n_image_tokens + labels[at + 1:]
     return ids, labels
+
+
+def kept_tokens(n, max_text_tokens, has_image):
+    """Of a sample's n rendered tokens (its image one placeholder), how many `encode` keeps: the text is cut to
+    max_text_tokens, never the image."""
+    return n if max_text_tokens is None else min(n, max_text_tokens + has_image)
+
+
+def encoded_length(tokenizer, messages, n_image_tokens, max_text_tokens=None, has_image=True):
+    """len(encode(...)[0]) for a conversation `encode` accepts, from one rendering (encode renders every turn): what
+    packing plans micro-batches with, before any image is read."""
+    n = kept_tokens(len(_ids(tokenizer, messages)), max_text_tokens, has_image)
+    return n + has_image * (n_image_tokens - 1)
 
 
 def encode_prompt(tokenizer, prompt, n_image_tokens):

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from models.attention import PACKED_ATTENTION
 from models.config import ConfigError, VLMConfig
 from models.hub import from_hub
 from models.lora import apply_lora, linear_names
@@ -27,8 +27,13 @@ def _check_targets(field, targets, model):
 def check_shapes(cfg: VLMConfig):
     """The config checks that need the backbones' shapes but not their weights, so they fail before anything
     loads: the unshuffle factor against the patch grid, the feature layer against each tower's depth, and
-    the LoRA targets against weightless (meta) models (the LM's decoder: its head never gets adapters)."""
-    n_image_tokens(cfg)
+    the LoRA targets against weightless (meta) models (the LM's decoder: its head never gets adapters), and that the
+    longest sample fits a micro-batch's token budget."""
+    longest = n_image_tokens(cfg) + cfg.max_text_tokens
+    if cfg.batch_tokens < longest:
+        raise ConfigError(f"config field 'batch_tokens' = {cfg.batch_tokens}: a sample may hold {longest} tokens "
+                          f"(image tokens + max_text_tokens), more than a micro-batch; raise batch_tokens to at least "
+                          f"{longest}, or lower max_text_tokens")
     vision_configs = [vision_config(name) for name in tower_names(cfg)]
     for name, c in zip(tower_names(cfg), vision_configs):
         depth = c.num_hidden_layers
@@ -46,14 +51,6 @@ def check_shapes(cfg: VLMConfig):
                            nn.ModuleList(tower_class(c)(c) for c in vision_configs))
 
 
-# The LM never needs an attention mask: training's batches are right-padded (causal attention never looks at the
-# padding after a sample) and generation's hold one unpadded prompt. Under a name of its own, SDPA gets none,
-# which keeps it on its causal flash kernels, and transformers skips building one: for an unmasked batch it
-# reads the GPU to look for packed sequences, which makes the host wait every forward.
-CAUSAL_SDPA = "causal_sdpa"
-AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
-
-
 @dataclass
 class VLMOutput:
     loss: torch.Tensor = None      # mean over label tokens
@@ -69,12 +66,12 @@ class VLM(nn.Module):
         self.cfg = cfg
         self.vision = vision  # models.vision.VisionTowers: uint8 pixels -> patch features, cut at the feature layer
         self.lm = lm
-        if lm.config._attn_implementation == "sdpa":  # the default; any other the user chose stays
-            lm.set_attn_implementation(CAUSAL_SDPA)
+        lm.set_attn_implementation(PACKED_ATTENTION)  # training's rows are packed: see models/attention.py
         self.processor, self.tokenizer = processor, tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)  # never embedded: image features go there
         self.end_of_turn_id = end_of_turn_id(tokenizer)  # where generation stops, as training's labels do
         self.n_image_tokens = n_image_tokens(cfg)
+        self.max_sample_len = self.n_image_tokens + cfg.max_text_tokens  # the longest sample a packed row holds
         self.projector = Projector(vision.hidden_size, lm.config.hidden_size, cfg.projector_hidden_dim,
                                    cfg.pixel_unshuffle)
         self.vision.requires_grad_(False)
@@ -137,19 +134,17 @@ class VLM(nn.Module):
             for tower in self.vision.towers:
                 tower.gradient_checkpointing_enable(**kw)
 
-    def compile_blocks(self, n_lengths, cuda_graphs=True):
+    def compile_blocks(self, n_image_shapes, cuda_graphs=True):
         """torch.compile the vision tower(s), the projector and each LM layer, for static shapes, each replayed as a
         CUDA graph: one launch instead of dozens of kernels, which bounds this small model.
         Each LM layer is compiled, not the whole LM: the layers share one compiled graph, so a cold start compiles
         a few small graphs (with SmolLM2 as one graph, a cold start took 92-105 s on an H100 instead of 43-75,
         and ran 1.05x faster at best, where the host was slow). The tower runs as one graph: 12 fewer graph
         launches for the host to queue (25 instead of 33 ms a step; 3,064 instead of 2,997 samples/s on one
-        H100). The collator pads each batch to a multiple of pad_multiple, so the LM meets one or two lengths:
-        each compiles once, in about 2 s.
-        n_lengths: how many padded lengths batches can have. A block compiles per batch size met (a short last
-        batch, a blank image for a text-only batch); past torch's recompile limit (8) it would quietly fall back
-        to eager, so the limit is raised to 4 per length. Validation and generation run eager."""
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * n_lengths)
+        H100). Packing (data/packing.py) gives the LM one shape whatever the records; the tower and projector meet
+        a few image counts (n_image_shapes at most), each compiled once. Past torch's recompile limit (8) a block
+        would quietly fall back to eager, so the limit is raised to cover them. Validation and generation run eager."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_image_shapes + 1)
         if self.cfg.gradient_checkpointing and self.cfg.phase == "projector":
             # the frozen LM's layers recompute in the backward: CUDA graph trees fail to record that ("an input tensor
             # deallocate during graph recording", torch 2.11); plain compile gives eager's gradients (H200, one step
@@ -170,8 +165,8 @@ class VLM(nn.Module):
         return self.projector(feats)
 
     def embed(self, input_ids, pixel_values):
-        """pixel_values [B_img, 3, H, W] are the images of the rows that hold image positions, in row order
-        (text-only rows have none; B_img may be 0)."""
+        """input_ids [B, T]; pixel_values [B_img, 3, H, W]: the k-th block of image positions (in row order) takes the
+        k-th image. Images past the last block (the blank slots a packed batch is padded with) are placed nowhere."""
         is_image = input_ids == self.image_token_id             # [B, T]
         if not torch.compiler.is_compiling():  # the data path guarantees it; a hand-built batch may not
             self.check_image_positions(is_image, len(pixel_values))
@@ -186,7 +181,7 @@ class VLM(nn.Module):
     def check_image_positions(self, is_image, n_images):
         counts = is_image.sum(1)
         n = self.n_image_tokens
-        fits = ((counts == 0) | (counts == n)).all() & (counts.sum() == n_images * n)
+        fits = (counts % n == 0).all() & (counts.sum() <= n_images * n)
         if is_image.is_cuda:  # checked on the device: reading the counts would make the host wait for the GPU
             torch._assert_async(fits, "image positions do not match the images")
         elif not bool(fits):
@@ -194,15 +189,19 @@ class VLM(nn.Module):
                              f"projector emits) or none, one image each; got {counts.tolist()} positions for "
                              f"{n_images} images. Build inputs with models.prompt.encode")
 
-    def forward(self, input_ids, pixel_values, labels=None, label_index=None):
-        """input_ids [B, T] are right-padded: causal attention never looks at the padding after a sample, so no
-        attention mask is passed (which keeps SDPA on its fastest, causal-only kernels). label_index: the flat
-        positions in [B * T] whose next token is trained (models.prompt.label_positions), from the collator.
+    def forward(self, input_ids, pixel_values, labels=None, label_index=None, position_ids=None, cu_seqlens=None):
+        """Training's batches are packed (data/packing.py): input_ids [1, N] hold whole samples end to end,
+        position_ids [1, N] restart at 0 for each, and cu_seqlens (int32) marks where each starts, so attention stays
+        inside a sample (models/attention.py). Without cu_seqlens, input_ids [B, T] are rows of causal attention
+        (generation, or hand-built batches: right padding is never looked at). label_index: the flat positions whose
+        next token is trained (models.prompt.label_positions), from the collator.
         Under compile_blocks' CUDA graphs, each forward starts a new step: the graphs may reuse the memory of the
         previous forward's activations, so its backward must have run (or its outputs been read) by then."""
         torch.compiler.cudagraph_mark_step_begin()
         embeds = self.embed(input_ids, pixel_values)
-        hidden = self.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, T, D]
+        packed = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens, max_seqlen=self.max_sample_len)
+        hidden = self.lm.base_model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False,
+                                    **packed).last_hidden_state  # [B, T, D]
         head = self.lm.get_output_embeddings()
         if labels is None:
             return VLMOutput(logits=head(hidden))

@@ -33,7 +33,8 @@ def tiny_cfg(tiny_assets, tmp_path):
     """A config for the tiny model: CPU, no workers, 16 validation records, logs every step."""
     return VLMConfig(vision_model=tiny_assets.vision, lm_model=tiny_assets.lm, data_dir=tiny_assets.data_dir,
                      device="cpu", out_dir=str(tmp_path / "run"), projector_hidden_dim=64, max_text_tokens=64,
-                     batch_size=8, grad_accum=1, num_workers=0, val_size=16, lora_dropout=0.0, log_every=1,
+                     batch_size=8, batch_tokens=544, grad_accum=1, num_workers=0, val_size=16, lora_dropout=0.0,
+                     log_every=1,
                      eval_every=10_000, save_every=10_000, eval_captions=0, metric_records=0, resume=True, seed=0)
 
 

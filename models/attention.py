@@ -1,0 +1,51 @@
+"""The LM's attention: causal within each sample of a packed row, never across samples.
+
+Training packs whole samples end to end into one row of a fixed token budget (data/packing.py), so the LM meets one
+shape whatever the records. `cu_seqlens` marks where each sample starts: [0, len_0, len_0 + len_1, ..., N, N, ...]
+(padded with N to a fixed size; the padding after the last sample is cut into pieces of its own). A token attends
+to the tokens before it in its own sample only; position ids restart at 0 per sample (the collator makes them).
+
+    on a GPU (bf16/fp16): FlashAttention's variable-length kernel (torch.nn.attention.varlen): per sample,
+        no mask in memory, no work across samples
+    elsewhere (the CPU, fp32): SDPA with the same rule as a dense [N, N] mask: exact, for tests and small runs
+
+Without cu_seqlens (generation: one unpadded prompt per row, or rows of equal prompts) it is plain causal SDPA. The
+registered name also keeps transformers from building a mask of its own: for an unmasked batch it would read the GPU
+to look for packed sequences, which makes the host wait every forward.
+"""
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+try:  # torch >= 2.10 (the GPU path); without it the dense mask serves everywhere
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+PACKED_ATTENTION = "tinyvlm_packed"
+
+
+def document_mask(cu_seqlens, n):
+    """[n, n] bool: query i may see key j when both lie in the same sample and j <= i."""
+    doc = torch.searchsorted(cu_seqlens, torch.arange(n, device=cu_seqlens.device), right=True)  # sample of each
+    same = doc[:, None] == doc[None, :]
+    return same & torch.ones(n, n, dtype=torch.bool, device=cu_seqlens.device).tril()
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seqlens=None,
+                     max_seqlen=None, **kwargs):
+    """query [1, H, N, D], key/value [1, H_kv, N, D] -> ([1, N, H, D], None), as transformers' attention functions.
+    Dropout inside attention is not applied to packed rows (the supported LMs train with none)."""
+    if cu_seqlens is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if varlen_attn is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))            # [N, H, D]
+        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling,
+                          window_size=(-1, 0))                                     # (-1, 0): causal
+        return out.unsqueeze(0), None                                             # [1, N, H, D]
+    mask = document_mask(cu_seqlens, query.shape[2])[None, None]                  # [1, 1, N, N]
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
