@@ -2,6 +2,8 @@
 full-size backbones with random weights, over synthetic CC3M-like JPEGs read from a zip. No hub needed.
 
     uv run python bench.py                                  # projector phase, 2x2 unshuffle: 49 image tokens
+    uv run python bench.py --data dirty                     # 3% records without their image, 6% text-only
+    uv run python bench.py --data instruct --max_text_tokens 1024   # multi-turn, long-tailed (make_instruct_like)
     uv run python bench.py --pixel_unshuffle 1              # 196 image tokens
     uv run python bench.py --phase lora                     # adapters on every LM linear layer
     torchrun --standalone --nproc_per_node 2 bench.py       # data parallel
@@ -12,6 +14,7 @@ from step N; `--generate false` skips the generation benchmark. bench_all.sh run
 """
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -70,6 +73,58 @@ def make_cc3m_like(out_dir, n, distinct=256, seed=0):
     return [r["conversations"][1]["value"] for r in records[:2000]] + list(INSTRUCTIONS)
 
 
+def make_dirty(out_dir, n, seed=0):
+    """The CC3M-like set as users' copies look: 3% of the records name an image the zip does not hold, 6% are
+    text-only (no image key, no <image> in the prompt)."""
+    corpus = make_cc3m_like(out_dir, n, seed=seed)
+    records, rng = json.loads((out_dir / "chat.json").read_text()), random.Random(seed + 1)
+    for r in records:
+        u = rng.random()
+        if u < 0.03:
+            r["image"] = "missing_" + r["image"]
+        elif u < 0.09:
+            del r["image"]
+            r["conversations"][0]["value"] = r["conversations"][0]["value"].replace("<image>", "").strip()
+    (out_dir / "chat.json").write_text(json.dumps(records))
+    return corpus
+
+
+def words(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(max(1, n)))
+
+
+def make_instruct_like(out_dir, n, seed=0):
+    """An instruction set shaped like LLaVA-1.5's mix665k, over the CC3M-like images: 40% VQA-style records of 1-10
+    question/answer turns with 1-3 word answers (VQAv2, GQA), 54% conversations of 1-4 turns whose answers have
+    log-normal lengths (median 60 words, sigma 0.7, at most 400: LLaVA-Instruct's detailed descriptions and
+    reasoning), and 6% text-only chats with longer answers (median 120 words, at most 700: ShareGPT). Lengths are
+    long-tailed: from a few dozen tokens to over a thousand (bench.py prints the percentiles it made)."""
+    corpus = make_cc3m_like(out_dir, n, seed=seed)
+    records, rng = json.loads((out_dir / "chat.json").read_text()), random.Random(seed + 2)
+
+    def lognormal_words(median, most):
+        return min(most, round(median * math.exp(rng.gauss(0, 0.7))))
+    for r in records:
+        u = rng.random()
+        if u < 0.40:
+            turns = [(words(rng, rng.randint(4, 12)) + "?", words(rng, rng.randint(1, 3))) for _ in range(rng.randint(1, 10))]
+        elif u < 0.94:
+            turns = [(words(rng, rng.randint(6, 20)) + "?", words(rng, lognormal_words(60, 400)) + " .")
+                     for _ in range(rng.randint(1, 4))]
+        else:
+            del r["image"]
+            turns = [(words(rng, rng.randint(8, 30)) + "?", words(rng, lognormal_words(120, 700)) + " .")
+                     for _ in range(rng.randint(1, 3))]
+        r["conversations"] = [t for q, a in turns for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+        if "image" in r:
+            r["conversations"][0]["value"] = "<image>\n" + r["conversations"][0]["value"]
+    (out_dir / "chat.json").write_text(json.dumps(records))
+    return corpus
+
+
+DATA = {"clean": make_cc3m_like, "dirty": make_dirty, "instruct": make_instruct_like}
+
+
 def pop_flag(argv, flag, default):
     """(argv without `flag VALUE`, VALUE or default): bench's own flags, beside VLMConfig's."""
     if flag not in argv:
@@ -84,26 +139,31 @@ SHAPES = {"tiny": ("siglip", "tiny", "llama", "tiny"), "base": ("siglip", "base"
           "clip-l-336+phi-3-mini": ("clip", "clip-l-336", "phi3", "phi-3-mini")}
 
 
-def prepare(root, size, n_records):
+def prepare(root, size, n_records, data="clean"):
+    """The backbones (their tokenizer trained on the clean set's text) and the `data` variant, made once each."""
     if not (root / "lm" / "config.json").is_file():
         vision_family, vision_size, lm_family, lm_size = SHAPES[size]
         corpus = make_cc3m_like(root / "data", n_records)
         torch.manual_seed(0)
         build_vision(root / "vision", vision_family, vision_size)
         build_lm(root / "lm", corpus, lm_family, size=lm_size)
-    return str(root / "data"), str(root / "vision"), str(root / "lm")
+    folder = root / ("data" if data == "clean" else f"data-{data}")
+    if not (folder / "chat.json").is_file():
+        DATA[data](folder, n_records)
+    return str(folder), str(root / "vision"), str(root / "lm")
 
 
 def bench_config(argv):
     """Bench defaults (full-size backbones, 40 steps, no evaluation), then the user's flags."""
     argv, size = pop_flag(argv, "--size", "base")
+    argv, data = pop_flag(argv, "--data", "clean")
     root = Path("checkpoints/bench") / size
-    cfg = parse_overrides(argv, VLMConfig(batch_size=128, grad_accum=1, max_steps=40, log_every=10, val_size=256,
+    cfg = parse_overrides(argv, VLMConfig(grad_accum=1, max_steps=40, log_every=10, val_size=256,
                                           eval_every=10**9, eval_captions=0, metric_records=0, save_every=10**9,
                                           resume=False,
                                           num_workers=min(16, torch.multiprocessing.cpu_count())))
-    data_dir, vision, lm = prepare(root, size, n_records={"tiny": 400, "base": 20_000}.get(size, 2_000))
-    tag = f"{cfg.phase}-u{cfg.pixel_unshuffle}-b{cfg.batch_size}" + ("-compiled" if cfg.compile else "")
+    data_dir, vision, lm = prepare(root, size, {"tiny": 400, "base": 20_000}.get(size, 2_000), data)
+    tag = f"{cfg.phase}-{data}-u{cfg.pixel_unshuffle}-t{cfg.batch_tokens}" + ("-compiled" if cfg.compile else "")
     cfg = VLMConfig.from_dict({**cfg.to_dict(), "data_dir": data_dir, "vision_model": vision, "lm_model": lm,
                                "out_dir": str(root / "runs" / tag)})
     if os.environ.get("RANK", "0") == "0":  # the bench's own scratch run: each measurement starts from nothing
@@ -218,13 +278,13 @@ def summarize(cfg, result, world):
     """Median over the log intervals after the first (which holds start-up and compilation)."""
     stats = result["stats"]
     steady = stats[1:] or stats
-    med = {k: statistics.median(s[k] for s in steady) for k in ("samples_per_s", "tokens_per_s", "data_wait")}
+    med = {k: statistics.median(s[k] for s in steady) for k in ("samples_per_s", "tokens_per_s", "fill", "data_wait")}
     mfu = [s["mfu"] for s in steady if s["mfu"] is not None]
     mem = max((s["peak_mem_gb"] or 0) for s in stats)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
-    return {"phase": cfg.phase, "image_tokens": result["model"].n_image_tokens,
-            "gpus": world, "device": device, "global_batch": cfg.batch_size * cfg.grad_accum * world,
-            "compile": cfg.compile, **med, "mfu": statistics.median(mfu) if mfu else None, "peak_mem_gb": mem,
+    return {"phase": cfg.phase, "data": Path(cfg.data_dir).name, "image_tokens": result["model"].n_image_tokens,
+            "gpus": world, "device": device, "step_tokens": cfg.batch_tokens * cfg.grad_accum * world,
+            "compile": cfg.compile, "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"], **med, "mfu": statistics.median(mfu) if mfu else None, "peak_mem_gb": mem,
             "epoch_minutes": CC3M_EPOCH / med["samples_per_s"] / 60,
             "torch": torch.__version__, "transformers": __import__("transformers").__version__}
 

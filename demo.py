@@ -15,7 +15,8 @@ from models.config import ConfigError, VLMConfig, parse_or_exit
 def demo_config():
     """Small everything: trains both phases on 2 CPU cores in about a minute."""
     return VLMConfig(out_dir="checkpoints/demo", device="cpu", pixel_unshuffle=2, projector_hidden_dim=256,
-                     max_text_tokens=64, lora_r=16, lora_alpha=32, lora_dropout=0.0, batch_size=32, grad_accum=1,
+                     max_text_tokens=64, lora_r=16, lora_alpha=32, lora_dropout=0.0, batch_size=32,
+                     batch_tokens=32 * 68, grad_accum=1,  # room for 32 of the longest samples: 32 a micro-batch
                      epochs=4, projector_lr=3e-3, lora_lr=3e-3, lora_projector_lr=3e-3, val_size=64, num_workers=2, log_every=20,
                      eval_every=100, eval_captions=3, save_every=100)
 

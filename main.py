@@ -37,7 +37,7 @@ import checkpoint  # noqa: E402
 from data.download import DataError, ensure_dataset  # noqa: E402
 from data.llava import (ImageStore, LlavaDataset, SkipTally, data_identity, ignore_stop_signals,  # noqa: E402
                         load_records, split_indices, start_workers, steps_of_micro_batches)
-from data.packing import Packer, PackedBatchSampler, n_image_shapes, plan_micro_batches, sample_lengths  # noqa: E402
+from data.packing import MODEL_INPUTS, Packer, PackedBatchSampler, n_image_shapes, plan_micro_batches, sample_lengths  # noqa: E402
 from models.vlm import VLM, check_shapes  # noqa: E402
 from report import Reporter, caption_metrics, sample_captions, step_line  # noqa: E402
 from throughput import Meter  # noqa: E402
@@ -146,8 +146,7 @@ def build_optimizer(cfg, model):
 
 
 def to_device(batch, device):
-    keys = ("input_ids", "pixel_values", "labels", "label_index", "position_ids", "cu_seqlens")
-    return {k: batch[k].to(device, non_blocking=True) for k in keys}
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -59,6 +59,7 @@ from data.shapes import make_shapes_dataset  # noqa: E402
 from models.config import VLMConfig  # noqa: E402
 from models.smollm2 import smollm2_dir  # noqa: E402
 from models.tiny import build_backbones  # noqa: E402
+from models.vision import n_image_tokens  # noqa: E402
 from report import printable, sample_captions  # noqa: E402
 
 
@@ -68,11 +69,13 @@ def prepare(args):
     if not (assets / "vision" / "config.json").is_file():
         build_backbones(assets, make_shapes_dataset(assets / "data", n=args.records, jitter=0.08))
     lm = str(assets / "lm") if args.tiny_lm else smollm2_dir()
-    return VLMConfig(vision_model=str(assets / "vision"), lm_model=lm, data_dir=str(assets / "data"),
-                     device=args.device, projector_hidden_dim=512, max_text_tokens=64, batch_size=args.batch_size,
-                     grad_accum=1, max_steps=args.steps, val_size=args.val_size, num_workers=0 if args.quick else 4,
-                     log_every=max(1, args.steps // 10), eval_every=10**9, eval_captions=0, save_every=10**9,
-                     keep_last=1)
+    cfg = VLMConfig(vision_model=str(assets / "vision"), lm_model=lm, data_dir=str(assets / "data"),
+                    device=args.device, projector_hidden_dim=512, max_text_tokens=64, batch_size=args.batch_size,
+                    grad_accum=1, max_steps=args.steps, val_size=args.val_size, num_workers=0 if args.quick else 4,
+                    log_every=max(1, args.steps // 10), eval_every=10**9, eval_captions=0, save_every=10**9,
+                    keep_last=1)
+    # room for batch_size of the longest samples: every micro-batch holds batch_size samples
+    return dataclasses.replace(cfg, batch_tokens=args.batch_size * (n_image_tokens(cfg) + cfg.max_text_tokens))
 
 
 def settings(args):

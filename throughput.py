@@ -1,4 +1,5 @@
-"""Throughput accounting: samples/s, tokens/s, data wait, and MFU from FLOPs written out per step."""
+"""Throughput accounting: samples/s, tokens/s (the samples' own, not padding), fill (their share of the packed
+rows), data wait, and MFU from FLOPs written out per step."""
 import time
 
 import torch
@@ -61,11 +62,13 @@ class Meter:
 
     def reset(self):
         self.t0, self.steps, self.samples, self.tokens, self.flops, self.data_wait = time.perf_counter(), 0, 0, 0, 0, 0.0
+        self.room = 0  # the packed rows' tokens, padding included
 
     def add(self, batches, data_wait):
         """One optimizer step over `batches` (its micro-batches, as the collator made them)."""
         lengths = [n for b in batches for n in b["lengths"]]  # the samples', not the padding's: the useful work
         self.steps, self.samples, self.tokens = self.steps + 1, self.samples + len(lengths), self.tokens + sum(lengths)
+        self.room += sum(b["input_ids"].numel() for b in batches)
         n_images = sum(b["n_images"] for b in batches)
         self.flops += self.flops_of(lengths, sum(b["n_label_tokens"] for b in batches), n_images)
         self.data_wait += data_wait
@@ -74,7 +77,8 @@ class Meter:
         """Rates since the last read (the caller has just synced the device, so the clock is honest)."""
         dt, w = time.perf_counter() - self.t0, self.world  # every rank did the same amount of work
         stats = {"dt_ms": 1000 * dt / self.steps, "samples_per_s": w * self.samples / dt,
-                 "tokens_per_s": w * self.tokens / dt, "data_wait": self.data_wait / dt,
+                 "tokens_per_s": w * self.tokens / dt, "fill": self.tokens / max(self.room, 1),
+                 "data_wait": self.data_wait / dt,
                  "mfu": self.flops / dt / self.peak if self.peak else None,
                  "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None}
         self.reset()

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from data.llava import ignore_stop_signals, start_workers
 from models.prompt import IGNORE, label_positions
 
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "cu_seqlens", "pixel_values", "label_index")  # VLM.forward's
 IMAGE_MULTIPLE = 16  # images per micro-batch are padded up to a multiple of this: few shapes, little blank work
 
 

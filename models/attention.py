@@ -7,7 +7,7 @@ to the tokens before it in its own sample only; position ids restart at 0 per sa
 
     on a GPU (bf16/fp16): FlashAttention's variable-length kernel (torch.nn.attention.varlen): per sample,
         no mask in memory, no work across samples
-    elsewhere (the CPU, fp32): SDPA with the same rule as a dense [N, N] mask: exact, for tests and small runs
+    elsewhere (the CPU, fp32): causal SDPA over each sample in turn: the same numbers, slower
 
 Without cu_seqlens (generation: one unpadded prompt per row, or rows of equal prompts) it is plain causal SDPA. The
 registered name also keeps transformers from building a mask of its own: for an unmasked batch it would read the GPU
@@ -25,13 +25,6 @@ except ImportError:
 PACKED_ATTENTION = "tinyvlm_packed"
 
 
-def document_mask(cu_seqlens, n):
-    """[n, n] bool: query i may see key j when both lie in the same sample and j <= i."""
-    doc = torch.searchsorted(cu_seqlens, torch.arange(n, device=cu_seqlens.device), right=True)  # sample of each
-    same = doc[:, None] == doc[None, :]
-    return same & torch.ones(n, n, dtype=torch.bool, device=cu_seqlens.device).tril()
-
-
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seqlens=None,
                      max_seqlen=None, **kwargs):
     """query [1, H, N, D], key/value [1, H_kv, N, D] -> ([1, N, H, D], None), as transformers' attention functions.
@@ -44,8 +37,10 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling,
                           window_size=(-1, 0))                                     # (-1, 0): causal
         return out.unsqueeze(0), None                                             # [1, N, H, D]
-    mask = document_mask(cu_seqlens, query.shape[2])[None, None]                  # [1, 1, N, N]
-    return sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=scaling, **kwargs)
+    bounds = cu_seqlens.tolist()  # one sample at a time: exact, and memory in the samples' lengths, not N^2
+    pieces = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout=0.0,
+                                     scaling=scaling, **kwargs)[0] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return torch.cat(pieces, dim=1), None                                         # [1, N, H, D]
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)

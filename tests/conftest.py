@@ -57,20 +57,39 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def tiny_batch():
     """Builds a labelled batch for a VLM the real way (models.prompt.encode, right padding) with random images:
-    tiny_batch(model, captions) -> dict(input_ids, labels, pixel_values)."""
+    tiny_batch(model, captions) -> dict(input_ids, labels, pixel_values); packed=True: the training collator's
+    packed batch (model_inputs)."""
     from models.prompt import DEFAULT_PROMPT, IGNORE, encode
 
-    def build(model, captions=("a red circle at the center .", "a blue square at the top left .")):
+    def build(model, captions=("a red circle at the center .", "a blue square at the top left ."), packed=False):
         samples = [encode(model.tokenizer, [{"role": "user", "content": DEFAULT_PROMPT},
                                             {"role": "assistant", "content": c}], model.n_image_tokens)
                    for c in captions]
+        size = model.processor.size["height"]
+        if packed:  # as training's collator makes it
+            pixels = torch.randint(0, 256, (len(captions), 3, size, size), dtype=torch.uint8)
+            return model_inputs(packer(model)([{"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                                                "pixel_values": p} for (ids, labels), p in zip(samples, pixels)]))
         T = max(len(ids) for ids, _ in samples)
         pad = lambda seq, value: seq + [value] * (T - len(seq))  # noqa: E731
-        size = model.processor.size["height"]
         return {"input_ids": torch.tensor([pad(ids, model.tokenizer.pad_token_id) for ids, _ in samples]),
                 "labels": torch.tensor([pad(labels, IGNORE) for _, labels in samples]),
                 "pixel_values": torch.randint(0, 256, (len(captions), 3, size, size), dtype=torch.uint8)}
     return build
+
+
+def packer(model, batch_size=8, batch_tokens=None):
+    """The training collator for `model`: batch_size samples packed into batch_tokens (default: room for the
+    longest batch_size samples, so the samples, not the tokens, bind)."""
+    from data.packing import Packer
+    return Packer(model.tokenizer.pad_token_id, model.vision.pixel_shape, batch_size,
+                  batch_tokens or batch_size * model.max_sample_len, model.max_sample_len)
+
+
+def model_inputs(batch, device=None):
+    """The keys of a collated batch that VLM.forward takes (on `device`)."""
+    from data.packing import MODEL_INPUTS
+    return {k: batch[k] if device is None else batch[k].to(device) for k in MODEL_INPUTS}
 
 
 @pytest.fixture

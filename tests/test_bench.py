@@ -15,12 +15,14 @@ from models.vlm import VLM
 
 def test_bench_path_on_tiny_backbones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = bench.bench_config(["--size", "tiny", "--device", "cpu", "--batch_size", "8", "--num_workers", "1",
+    cfg = bench.bench_config(["--size", "tiny", "--device", "cpu", "--batch_size", "8", "--batch_tokens", "1056",
+                              "--num_workers", "1",
                               "--max_steps", "6", "--log_every", "2", "--phase", "lora"])
     assert cfg.init_from and cfg.phase == "lora"
     result = main.train(cfg)
     summary = bench.summarize(cfg, result, world=1)
-    assert summary["image_tokens"] == 4 and summary["global_batch"] == 8
+    assert summary["image_tokens"] == 4 and summary["step_tokens"] == cfg.batch_tokens and summary["data"] == "data"
+    assert 0.3 < summary["fill"] <= 1
     assert summary["samples_per_s"] > 0 and summary["tokens_per_s"] > 8 * summary["samples_per_s"]
     assert 0 <= summary["data_wait"] < 1 and summary["mfu"] is None  # no MFU without a known GPU peak
 
@@ -29,15 +31,15 @@ def test_summary_takes_medians_after_the_first_interval():
     """The first log interval (start-up, compilation) is left out; medians, not means, of the rest; peak memory
     over all of them; MFU over the intervals that have one."""
     def interval(samples_per_s, data_wait, mfu, peak_mem_gb):
-        return dict(samples_per_s=samples_per_s, tokens_per_s=100 * samples_per_s, data_wait=data_wait, mfu=mfu,
-                    peak_mem_gb=peak_mem_gb)
+        return dict(samples_per_s=samples_per_s, tokens_per_s=100 * samples_per_s, fill=0.9, data_wait=data_wait,
+                    mfu=mfu, peak_mem_gb=peak_mem_gb)
     stats = [interval(5, 0.9, 0.01, 9.0), interval(100, 0.1, 0.2, 4.0), interval(600, 0.3, None, 4.0),
              interval(200, 0.2, 0.4, 5.0)]
-    cfg = VLMConfig(device="cpu", batch_size=16, grad_accum=2)
+    cfg = VLMConfig(device="cpu", batch_tokens=1024, grad_accum=2)
     summary = bench.summarize(cfg, {"stats": stats, "model": SimpleNamespace(n_image_tokens=49)}, world=2)
     assert (summary["samples_per_s"], summary["tokens_per_s"], summary["data_wait"]) == (200, 20_000, 0.2)
     assert summary["mfu"] == pytest.approx(0.3) and summary["peak_mem_gb"] == 9.0
-    assert summary["global_batch"] == 64 and summary["image_tokens"] == 49
+    assert summary["step_tokens"] == 4096 and summary["image_tokens"] == 49 and summary["fill"] == 0.9
     assert summary["epoch_minutes"] == pytest.approx(49.6, abs=0.05)  # 595,375 samples at 200 a second
 
 

@@ -10,6 +10,7 @@ import checkpoint
 import main
 from test_robustness import on_projector_forward, spy_optimizer_steps
 from test_train import check_resume_is_exact
+from data.packing import n_image_shapes
 from models.lora import lora_layers
 from models.vlm import VLM
 
@@ -37,12 +38,12 @@ def test_bf16_loss_is_close_to_fp32(cuda_cfg, tiny_batch):
 
 
 def test_compiled_is_close_to_eager(cuda_cfg, tiny_batch):
-    """The layers as training compiles them (static shapes, CUDA graphs) give eager's loss."""
+    """The layers as training compiles them (static shapes, CUDA graphs, packed rows in bf16) give eager's loss."""
     model = VLM.from_config(cuda_cfg).cuda().eval()
-    batch = tiny_batch(model)
-    eager = loss_of(model, batch)
-    model.compile_blocks(n_lengths=4)
-    compiled = [float(loss_of(model, batch)) for _ in range(3)]  # recorded, then replayed as a CUDA graph
+    batch = tiny_batch(model, packed=True)
+    eager = loss_of(model, batch, torch.bfloat16)
+    model.compile_blocks(n_image_shapes(8))
+    compiled = [float(loss_of(model, batch, torch.bfloat16)) for _ in range(3)]  # recorded, then replayed
     eager = float(eager)
     for loss in compiled:
         assert abs(loss - eager) / eager < 1e-4, (compiled, eager)
@@ -66,8 +67,8 @@ def test_compiled_training_evaluates_between_steps_like_eager(cuda_cfg):
 def test_training_steps_never_make_the_host_wait_for_the_gpu(cuda_cfg, on_optimizer_step, compile):
     """Between log lines the host only queues work: a sync would leave the GPU idle while the host catches up.
     CUDA's sync check is set to raise from the end of step 3 (compiled layers have recorded their CUDA graphs
-    by then, which syncs; one padded length, so there is no new one to record) to the end of step 6, before
-    its log line reads the loss."""
+    by then, which syncs; packed batches have one shape, so there is no new one to record) to the end of step 6,
+    before its log line reads the loss."""
     steps = []
 
     def watch(optimizer):
@@ -76,7 +77,7 @@ def test_training_steps_never_make_the_host_wait_for_the_gpu(cuda_cfg, on_optimi
     on_optimizer_step(watch, when="after")
     try:
         result = main.train(dataclasses.replace(cuda_cfg, compile=compile, max_steps=6, log_every=10**9,
-                                                batch_size=4, pad_multiple=64))
+                                                batch_size=4))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert steps == [1, 2, 3, 4, 5, 6] and result["step"] == 6
@@ -121,16 +122,17 @@ def one_step(cfg, tiny_batch, compiled, prepare=lambda model: None):
     model = VLM.from_config(cfg).cuda().train()
     prepare(model)
     if compiled:
-        model.compile_blocks(n_lengths=4)
-    loss = loss_of(model, tiny_batch(model))
+        model.compile_blocks(n_image_shapes(8))
+    loss = loss_of(model, tiny_batch(model, packed=True), torch.bfloat16)
     loss.backward()
     return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 def assert_same_step(got, expected):
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=0)
+    """Within bf16's rounding (compiled kernels fuse and round differently from eager's)."""
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-2, atol=0)
     for name, grad in expected[1].items():
-        torch.testing.assert_close(got[1][name], grad, rtol=1e-3, atol=1e-3 * grad.abs().max().item(), msg=name)
+        torch.testing.assert_close(got[1][name], grad, rtol=5e-2, atol=2e-2 * grad.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

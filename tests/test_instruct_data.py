@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import main
-from conftest import REPO, cli_args
-from data.llava import Collator, ImageStore, LlavaDataset, load_records
+from conftest import REPO, cli_args, model_inputs, packer
+from data.llava import ImageStore, LlavaDataset, load_records
+from data.packing import image_slots, n_image_shapes
 from data.shapes import draw
 from models.config import VLMConfig
 from models.prompt import IGNORE, SampleError, encode
@@ -84,12 +85,12 @@ def test_an_image_token_without_an_image_is_refused(lora_model):
 
 
 def loss_sum(model, batch):
-    return model(**{k: batch[k] for k in ("input_ids", "pixel_values", "labels", "label_index")}).loss_sum
+    return model(**model_inputs(batch)).loss_sum
 
 
 def test_a_mixed_batch_is_its_samples_side_by_side(lora_model, instruct):
-    """Images land in their own rows: the loss of [text, image, text] is the sum of each sample's alone."""
-    collate = Collator(lora_model.tokenizer.pad_token_id, lora_model.vision.pixel_shape)
+    """Images land in their own samples: the loss of [text, image, text] packed is the sum of each sample's alone."""
+    collate = packer(lora_model)
     batch_samples = samples(lora_model, instruct, [1, 2, 3])
     with torch.no_grad():
         together = loss_sum(lora_model, collate(batch_samples))
@@ -99,10 +100,9 @@ def test_a_mixed_batch_is_its_samples_side_by_side(lora_model, instruct):
 
 def test_a_batch_without_images_sends_every_trainable_parameter_through_backward(lora_model, instruct):
     """DDP waits for a gradient of every trainable parameter: the tower and projector run on no image and give
-    zeros, the LM's adapters learn."""
-    batch = Collator(lora_model.tokenizer.pad_token_id, lora_model.vision.pixel_shape)(
-        samples(lora_model, instruct, [1, 3]))
-    assert batch["pixel_values"].shape == (0, *lora_model.vision.pixel_shape)
+    zeros (blank images placed nowhere), the LM's adapters learn."""
+    batch = packer(lora_model)(samples(lora_model, instruct, [1, 3]))
+    assert batch["n_images"] == 0 and batch["pixel_values"].shape == (image_slots(0, 8), *lora_model.vision.pixel_shape)
     loss_sum(lora_model, batch).backward()
     grads = {n: p.grad for n, p in lora_model.named_parameters() if p.requires_grad}
     assert all(g is not None for g in grads.values())
@@ -114,14 +114,15 @@ def test_a_batch_without_images_sends_every_trainable_parameter_through_backward
 def projector_checkpoint(tiny_assets, tmp_path_factory):
     cfg = VLMConfig(vision_model=tiny_assets.vision, lm_model=tiny_assets.lm, data_dir=tiny_assets.data_dir,
                     device="cpu", out_dir=str(tmp_path_factory.mktemp("projector")), projector_hidden_dim=64,
-                    batch_size=8, num_workers=0, val_size=8, max_steps=1, resume=False, eval_captions=0)
+                    batch_size=8, batch_tokens=8 * 132, num_workers=0, val_size=8, max_steps=1, resume=False,
+                    eval_captions=0)
     return main.train(cfg)["checkpoint"]
 
 
 def instruct_flags(instruct, checkpoint, out_dir):
     """The README's phase-2 command on an instruction file, batch 1: many micro-batches hold no image."""
     return ["--phase", "lora", "--init_from", str(checkpoint), "--chat_json", instruct["chat_json"],
-            "--data_dir", instruct["data_dir"], "--out_dir", str(out_dir), "--batch_size", "1", "--grad_accum", "2",
+            "--data_dir", instruct["data_dir"], "--out_dir", str(out_dir), "--batch_size", "1", "--batch_tokens", "132", "--grad_accum", "2",
             "--max_steps", "4", "--val_size", "4", "--lora_vision", "true"]
 
 
@@ -167,8 +168,8 @@ def test_compiled_blocks_on_cuda_train_on_mixed_and_image_free_batches(tiny_cfg,
     eager = VLM.from_config(cfg).cuda().eval()
     compiled = VLM.from_config(cfg).cuda().eval()
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_blocks(n_lengths=4)
-    collate = Collator(eager.tokenizer.pad_token_id, eager.vision.pixel_shape)
+    compiled.compile_blocks(n_image_shapes(8))
+    collate = packer(eager)
     for indices in ([1, 3], [0, 1, 3], [0, 2]):  # no image, one of three, two of two
         batch = collate(samples(eager, instruct, indices))
         batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}

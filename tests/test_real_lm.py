@@ -13,8 +13,9 @@ from transformers import AutoTokenizer
 
 import bench
 import main
+from conftest import model_inputs, packer
 from checkpoint import load_model
-from data.llava import Collator, ImageStore, LlavaDataset, load_records
+from data.llava import ImageStore, LlavaDataset, load_records
 from data.shapes import draw
 from models.config import VLMConfig
 from models.prompt import IGNORE, IMAGE_TOKEN, add_image_token, encode, encode_prompt, prepare_tokenizer, to_messages
@@ -52,7 +53,8 @@ def tok(real_lm):
 
 def real_cfg(tiny_assets, lm, out_dir, **changes):
     return VLMConfig(vision_model=tiny_assets.vision, lm_model=lm, data_dir=tiny_assets.data_dir, device="cpu",
-                     out_dir=str(out_dir), projector_hidden_dim=64, max_text_tokens=64, batch_size=8, grad_accum=1,
+                     out_dir=str(out_dir), projector_hidden_dim=64, max_text_tokens=64, batch_size=8, batch_tokens=8 * 68,
+                     grad_accum=1,
                      num_workers=1, val_size=8, max_steps=4, warmup_frac=0.0, lora_dropout=0.0, log_every=1,
                      eval_every=10_000, save_every=10_000, eval_captions=0, resume=False, seed=0, **changes)
 
@@ -122,19 +124,20 @@ def test_a_tokenizer_without_pad_token_pads_with_end_of_turn_and_padding_changes
     samples = sorted((data[i] for i in range(len(data))), key=lambda s: len(s["input_ids"]))
     short, long = samples[0], samples[-1]
     assert len(short["input_ids"]) < len(long["input_ids"])
-    collate = Collator(model.tokenizer.pad_token_id, model.vision.pixel_shape)
+    collate = packer(model, batch_size=2)
     batch = collate([short, long])
-    assert (batch["input_ids"][0, len(short["input_ids"]):] == model.tokenizer.eos_token_id).all()
+    used = len(short["input_ids"]) + len(long["input_ids"])
+    assert (batch["input_ids"][0, used:] == model.tokenizer.eos_token_id).all()
 
     def loss_sum(b):
         with torch.no_grad():
-            return model(**{k: b[k] for k in ("input_ids", "pixel_values", "labels", "label_index")}).loss_sum
+            return model(**model_inputs(b)).loss_sum
     alone = sum(loss_sum(collate([s])) for s in (short, long))
     torch.testing.assert_close(loss_sum(batch), alone, rtol=1e-4, atol=1e-4)
-    # padding to a multiple of 16 (few shapes to compile) changes the length, not the loss
-    bucketed = Collator(model.tokenizer.pad_token_id, model.vision.pixel_shape, pad_multiple=16)([short, long])
-    assert bucketed["input_ids"].shape[1] % 16 == 0 and bucketed["input_ids"].shape[1] >= len(long["input_ids"])
-    torch.testing.assert_close(loss_sum(bucketed), alone, rtol=1e-4, atol=1e-4)
+    # a larger token budget (more padding after the samples) changes the length, not the loss
+    roomy = packer(model, batch_size=2, batch_tokens=4 * model.max_sample_len)([short, long])
+    assert roomy["input_ids"].shape[1] > batch["input_ids"].shape[1]
+    torch.testing.assert_close(loss_sum(roomy), alone, rtol=1e-4, atol=1e-4)
 
 
 # ============================================================================ training, reload, generation

@@ -36,7 +36,8 @@ from safetensors.torch import load_file
 import checkpoint
 import main
 from conftest import REPO, cli_args, trainable_params
-from data.llava import (ImageStore, LlavaDataset, ShardedBatchSampler, SkipTally, decode_image, load_records,
+from data.packing import PackedBatchSampler
+from data.llava import (ImageStore, LlavaDataset, SkipTally, decode_image, load_records,
                         split_indices)
 from models.config import ConfigError
 from checkpoint import WEIGHTS
@@ -287,11 +288,16 @@ def test_data_more_bad_than_max_bad_fraction_stops(tiny_assets, tiny_cfg, tmp_pa
     assert 100 <= seen < 100 + cfg.batch_size  # judged over at least 100 samples, and stopped right there
 
 
+def first_micro_batch(n, cfg):
+    """The records of the first micro-batch of n, while samples (not tokens) bind, as in tiny_cfg."""
+    return PackedBatchSampler([1] * n, cfg.batch_size, cfg.batch_tokens, seed=cfg.seed).first_epoch[0]
+
+
 def test_a_bad_first_batch_alone_does_not_stop_a_mostly_good_run(tiny_assets, tiny_cfg, tmp_path):
     """8 unusable records of 144 (max_bad_fraction 0.5) happen to make up the first batch: that is no reason
     to stop, just as the same records spread over the epoch are none."""
     train_idx, _ = split_indices(160, tiny_cfg.val_size)
-    first_batch = next(iter(ShardedBatchSampler(len(train_idx), tiny_cfg.batch_size, seed=tiny_cfg.seed)))
+    first_batch = first_micro_batch(len(train_idx), tiny_cfg)
     bad = [train_idx[j] for j in first_batch]
     cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_missing_images(tiny_assets, tmp_path / "d", bad),
                               max_bad_fraction=0.5, max_steps=3)
@@ -878,8 +884,7 @@ def test_a_step_with_no_usable_sample_logs_no_loss_and_a_short_bad_run_is_called
                                                                                    capsys):
     """80% unusable records in a run shorter than the 100 samples the stop check waits for."""
     train_idx, _ = split_indices(160, tiny_cfg.val_size)
-    sampler = ShardedBatchSampler(len(train_idx), tiny_cfg.batch_size, seed=tiny_cfg.seed)
-    first = [train_idx[j] for j in next(iter(sampler))]
+    first = [train_idx[j] for j in first_micro_batch(len(train_idx), tiny_cfg)]
     bad = first + [i for i in train_idx if i not in first][:100]  # the first batch wholly, then most others
     cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_missing_images(tiny_assets, tmp_path / "d", bad),
                               max_steps=3, max_bad_fraction=0.05)
@@ -893,7 +898,7 @@ def test_a_step_with_no_usable_sample_logs_no_loss_and_a_short_bad_run_is_called
 
 def test_the_validation_split_does_not_depend_on_the_seed(tiny_cfg):
     """Phase 2 with another --seed must not train on phase 1's held-out records."""
-    splits = [main.open_data(dataclasses.replace(tiny_cfg, seed=seed), 0, 1)["val_idx"] for seed in (0, 1, 7)]
+    splits = [main.open_data(dataclasses.replace(tiny_cfg, seed=seed))["val_idx"] for seed in (0, 1, 7)]
     assert splits[0] == splits[1] == splits[2] and len(splits[0]) == tiny_cfg.val_size
 
 

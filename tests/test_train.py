@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 import main
 from conftest import REPO, cli_args, trainable_params
-from data.llava import ImageStore, LlavaDataset, ShardedBatchSampler, load_records
+from data.llava import ImageStore, LlavaDataset, load_records
+from data.packing import PackedBatchSampler
 from checkpoint import WEIGHTS
 from models.vlm import VLM
 
@@ -123,15 +124,31 @@ def test_resume_is_exact(tiny_cfg, on_optimizer_step):
 
 
 def test_the_sampler_deals_epoch_after_epoch_from_any_batch():
-    """Each epoch is a new permutation (its tail dropped), the next follows without end, and a sampler started at
-    batch k deals what one started at 0 deals from its k-th batch on: a run resumes mid-epoch exactly."""
-    sampler = ShardedBatchSampler(10, 3, seed=1)  # 3 batches an epoch; one sample left over each time
-    stream = list(itertools.islice(sampler, 9))   # three epochs
-    epochs = [sum(stream[e * 3:(e + 1) * 3], []) for e in range(3)]
-    assert all(len(set(e)) == 9 and set(e) <= set(range(10)) for e in epochs)
+    """Each epoch is a new permutation planned into micro-batches (its tail dropped), the next follows without end,
+    and a sampler started at micro-batch k deals what one started at 0 deals from its k-th on: a run resumes
+    mid-epoch exactly. Each micro-batch keeps to both budgets."""
+    lengths = [5, 9, 3, 7, 2, 8, 6, 4, 9, 1, 5, 7]
+    sampler = PackedBatchSampler(lengths, batch_size=3, batch_tokens=16, seed=1)
+    stream = list(itertools.islice(sampler, 30))
+    assert all(len(b) <= 3 and sum(lengths[i] for i in b) <= 16 for b in stream)
+    epochs, at = [], 0
+    for e in range(3):
+        n = len(sampler.epoch(e))
+        epochs.append(sum(stream[at:at + n], []))
+        at += n
+    assert all(len(set(e)) == len(e) and set(e) <= set(range(12)) for e in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
     sampler.start = 4
-    assert list(itertools.islice(sampler, 5)) == stream[4:]
+    assert list(itertools.islice(sampler, 10)) == stream[4:14]
+
+
+def test_ranks_share_every_epoch_equally():
+    """Two ranks deal one plan alternately: the same number of micro-batches each, no record on both."""
+    lengths = list(range(1, 40))
+    ranks = [PackedBatchSampler(lengths, 4, 30, rank=r, world=2, seed=3) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    mine = [sum(r.epoch(0), []) for r in ranks]
+    assert not set(mine[0]) & set(mine[1])
 
 
 def test_a_run_of_three_epochs_reads_its_data_through_one_iterator(tiny_cfg, monkeypatch):
@@ -140,10 +157,10 @@ def test_a_run_of_three_epochs_reads_its_data_through_one_iterator(tiny_cfg, mon
     train_iterators, read = [], []
     real_iter, real_item = DataLoader.__iter__, LlavaDataset.__getitem__
     monkeypatch.setattr(DataLoader, "__iter__", lambda self: (
-        isinstance(self.batch_sampler, ShardedBatchSampler) and train_iterators.append(self)) or real_iter(self))
+        isinstance(self.batch_sampler, PackedBatchSampler) and train_iterators.append(self)) or real_iter(self))
     monkeypatch.setattr(LlavaDataset, "__getitem__", lambda self, i: read.append(self.indices[i]) or real_item(self, i))
-    # 144 training records in batches of 48: 3 steps an epoch
-    result = main.train(dataclasses.replace(tiny_cfg, batch_size=48, epochs=3, resume=False))
+    # 144 training records in batches of 48 (the token budget holds 48 of the longest): 3 steps an epoch
+    result = main.train(dataclasses.replace(tiny_cfg, batch_size=48, batch_tokens=48 * 68, epochs=3, resume=False))
     assert result["step"] == 9 and len(train_iterators) == 1
     epochs = [read[e * 144:(e + 1) * 144] for e in range(3)]  # (no workers: records are read in training order)
     assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == 144 for e in epochs)
