@@ -197,7 +197,7 @@ class StepClock:
             event.synchronize()
             self.start_s = seconds_since_process_start()
 
-    def summary(self, warmup=10, profiled=()):
+    def summary(self, warmup=20, profiled=()):
         """Start-up time; median and slowest step after `warmup` steps, and which took over 2x the median.
         `profiled`: the steps the profiler ran over (it slows them), left out."""
         torch.cuda.synchronize()

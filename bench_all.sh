@@ -4,7 +4,7 @@
 # projector row on the cache it left (the warm start). The generate rows time captioning alone (after 12 steps).
 set -u
 logs=$PWD/checkpoints/bench/logs; mkdir -p "$logs"  # absolute: Inductor runs its C++ compiler from elsewhere
-rows=${*:-projector projector_warm accum2 eager eager_ckpt tokens196 lora lora_vision batch256 phi2 phi2_ckpt phi3 phi3_ckpt
+rows=${*:-projector projector_warm dirty instruct accum2 eager eager_ckpt tokens196 lora lora_vision tokens32k phi2 phi2_ckpt phi3 phi3_ckpt
   phi2_projector phi2_projector_ckpt
   generate generate_tokens196 generate_lora generate_lora_vision}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -16,20 +16,22 @@ run() {  # run NAME CACHE FLAGS...
   grep -oE "(BENCH|PROFILE|GENERATE) .*" "$logs/$name.log"  # (a progress bar may lead the line)
 }
 fresh() { rm -rf "$logs/cache_$1"; echo "$logs/cache_$1"; }
-bigp=(--batch_size 16 --max_steps 20 --log_every 5 --compile false --generate false)  # eager: no compile wait
+bigp=(--batch_tokens 4096 --max_steps 20 --log_every 5 --compile false --generate false)  # eager: no compile wait
 big=(--phase lora "${bigp[@]}")
 gen=(--max_steps 12 --compile false)  # a few eager steps (generation runs eager in any case)
 for row in $rows; do
   case $row in
     projector)      run "$row" "$(fresh projector)" --max_steps 300 --profile_at 100 --generate false ;;
     projector_warm) run "$row" "$logs/cache_projector" --max_steps 30 --generate false ;;
-    accum2)         run "$row" "$(fresh "$row")" --batch_size 64 --grad_accum 2 --max_steps 100 --generate false ;;  # batch 128 in halves
+    dirty)          run "$row" "$(fresh "$row")" --data dirty --max_bad_fraction 0.2 --max_steps 300 --generate false ;;
+    instruct)       run "$row" "$(fresh "$row")" --data instruct --max_text_tokens 1024 --max_steps 200 --generate false ;;
+    accum2)         run "$row" "$(fresh "$row")" --batch_tokens 8192 --grad_accum 2 --max_steps 100 --generate false ;;  # 16384 in halves
     eager)          run "$row" "$(fresh "$row")" --compile false --max_steps 60 --generate false ;;
     eager_ckpt)     run "$row" "$(fresh "$row")" --compile false --max_steps 60 --generate false --gradient_checkpointing true ;;
     tokens196)      run "$row" "$(fresh "$row")" --pixel_unshuffle 1 --max_steps 100 --generate false ;;
     lora)           run "$row" "$(fresh "$row")" --phase lora --max_steps 100 --generate false ;;
     lora_vision)    run "$row" "$(fresh "$row")" --phase lora --lora_vision true --max_steps 100 --generate false ;;
-    batch256)       run "$row" "$(fresh "$row")" --batch_size 256 --max_steps 60 --generate false ;;
+    tokens32k)      run "$row" "$(fresh "$row")" --batch_tokens 32768 --batch_size 512 --max_steps 60 --generate false ;;
     phi2)           run "$row" "$(fresh "$row")" --size clip-l-336+phi-2 "${big[@]}" ;;
     phi2_ckpt)      run "$row" "$(fresh "$row")" --size clip-l-336+phi-2 "${big[@]}" --gradient_checkpointing true ;;
     phi3)           run "$row" "$(fresh "$row")" --size clip-l-336+phi-3-mini "${big[@]}" ;;

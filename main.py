@@ -38,7 +38,8 @@ from data.download import DataError, ensure_dataset  # noqa: E402
 from data.llava import (ImageStore, LlavaDataset, SkipTally, data_identity, ignore_stop_signals,  # noqa: E402
                         load_records, split_indices, start_workers, steps_of_micro_batches)
 from data.packing import MODEL_INPUTS, Packer, PackedBatchSampler, n_image_shapes, plan_micro_batches, sample_lengths  # noqa: E402
-from models.vlm import VLM, check_shapes  # noqa: E402
+from models.vision import n_image_tokens  # noqa: E402
+from models.vlm import VLM, check_shapes, load_tokenizer  # noqa: E402
 from report import Reporter, caption_metrics, sample_captions, step_line  # noqa: E402
 from throughput import Meter  # noqa: E402
 
@@ -84,8 +85,8 @@ def follow_applied_steps(scheduler, applied):
 
 
 # ----------------------------------------------------------------------------- model, data, optimizer
-def build_model(cfg, device, resuming):
-    model = VLM.from_config(cfg)
+def build_model(cfg, device, resuming, tokenizer=None):
+    model = VLM.from_config(cfg, tokenizer)
     if cfg.init_from and not resuming:  # start from an earlier run: its projector (and adapters, lora to lora)
         init = checkpoint.resolve(cfg.init_from)
         with_adapters = cfg.phase == "lora" and VLMConfig.load(init / "config.json").phase == "lora"
@@ -93,35 +94,38 @@ def build_model(cfg, device, resuming):
     return model.place(device)
 
 
-def open_data(cfg):
-    """The records, their split and the images, checked before the model loads: a data mistake (an empty or
+def open_data(cfg, tokenizer, rank, world):
+    """The records, their split, the images, and this rank's packed micro-batches, planned before the model loads
+    (packing needs every record's length: one pass over the text, data/packing.py): a data mistake (an empty or
     truncated file, too few records) costs seconds, not the minutes of loading."""
     root = ensure_dataset(cfg)
     chat_json = Path(cfg.chat_json).expanduser() if cfg.chat_json else root / "chat.json"
     records = load_records(chat_json)
     train_idx, val_idx = split_indices(len(records), cfg.val_size)
-    return dict(records=records, train_idx=train_idx, val_idx=val_idx, images=ImageStore(root),
-                identity=data_identity(chat_json, len(records)))
+    images = ImageStore(root)
+
+    def lengths(indices):
+        text = LlavaDataset(records, indices, images, tokenizer, None, n_image_tokens(cfg), cfg.max_text_tokens)
+        return sample_lengths(text, cfg.num_workers)
+    sampler = PackedBatchSampler(lengths(train_idx), cfg.batch_size, cfg.batch_tokens, rank, world, cfg.seed)
+    if len(sampler) < cfg.grad_accum:
+        raise ConfigError(f"config field 'grad_accum' = {cfg.grad_accum}: more micro-batches than one epoch has "
+                          f"({len(sampler)} per rank); lower grad_accum or batch_tokens")
+    val_idx = val_idx[rank::world]
+    val_batches = plan_micro_batches(range(len(val_idx)), lengths(val_idx), cfg.batch_size, cfg.batch_tokens)
+    return dict(records=records, train_idx=train_idx, val_idx=val_idx, images=images, sampler=sampler,
+                val_batches=val_batches, identity=data_identity(chat_json, len(records)))
 
 
 def build_data(cfg, model, rank, world, data=None):
-    """This rank's packed training micro-batches (a sampler that can start at any step) and validation split, of
-    open_data's data (opened here if not given). Packing plans with every record's length: tokenizing them all
-    takes a pass over the text first (data/packing.py)."""
-    data = data or open_data(cfg)
+    """This rank's training loader (packed micro-batches from a sampler that can start at any step) and validation
+    loader, over open_data's data (opened here if not given)."""
+    data = data or open_data(cfg, model.tokenizer, rank, world)
 
     def dataset(indices):
         return LlavaDataset(data["records"], indices, data["images"], model.tokenizer, model.processor,
                             model.n_image_tokens, cfg.max_text_tokens, cfg.image_fit)
 
-    train, val = dataset(data["train_idx"]), dataset(data["val_idx"][rank::world])
-    sampler = PackedBatchSampler(sample_lengths(train, cfg.num_workers), cfg.batch_size, cfg.batch_tokens, rank,
-                                 world, cfg.seed)
-    if len(sampler) < cfg.grad_accum:
-        raise ConfigError(f"config field 'grad_accum' = {cfg.grad_accum}: more micro-batches than one epoch has "
-                          f"({len(sampler)} per rank); lower grad_accum or batch_tokens")
-    val_batches = plan_micro_batches(range(len(val)), sample_lengths(val, cfg.num_workers), cfg.batch_size,
-                                     cfg.batch_tokens)
     # Training's workers live as long as the run's one iterator (the sampler never ends), an evaluation's as long
     # as the evaluation: none outlive the run. They leave stop signals to this process (ignore_stop_signals).
     loading = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
@@ -129,7 +133,8 @@ def build_data(cfg, model, rank, world, data=None):
                                      cfg.batch_tokens, model.max_sample_len),
                    worker_init_fn=ignore_stop_signals,
                    generator=torch.Generator())  # its own RNG: starting the data must not shift dropout's
-    return DataLoader(train, batch_sampler=sampler, **loading), DataLoader(val, batch_sampler=val_batches, **loading)
+    return (DataLoader(dataset(data["train_idx"]), batch_sampler=data["sampler"], **loading),
+            DataLoader(dataset(data["val_idx"]), batch_sampler=data["val_batches"], **loading))
 
 
 def build_optimizer(cfg, model):
@@ -233,9 +238,10 @@ def train_phase(cfg, rank, world, device):
     resume_from = checkpoint.newest(cfg.out_dir) if cfg.resume else None
     if resume_from:
         checkpoint.check_resume(cfg, resume_from, world)
-    data = open_data(cfg)
+    tokenizer = load_tokenizer(cfg)
+    data = open_data(cfg, tokenizer, rank, world)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; DDP gives every rank rank 0's initial weights
-    model = build_model(cfg, device, resuming=resume_from is not None)
+    model = build_model(cfg, device, resume_from is not None, tokenizer)
     train_loader, val_loader = build_data(cfg, model, rank, world, data)
     steps_per_epoch = len(train_loader.batch_sampler) // cfg.grad_accum
     total = cfg.max_steps or cfg.epochs * steps_per_epoch

@@ -51,6 +51,16 @@ def check_shapes(cfg: VLMConfig):
                            nn.ModuleList(tower_class(c)(c) for c in vision_configs))
 
 
+def load_tokenizer(cfg: VLMConfig):
+    """The LM's tokenizer, made ready by models.prompt.prepare_tokenizer: in seconds, before any weights load."""
+    tokenizer = from_hub(AutoTokenizer, cfg.lm_model)
+    try:
+        prepare_tokenizer(tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"config field 'lm_model' = {cfg.lm_model!r}: {e}") from None
+    return tokenizer
+
+
 @dataclass
 class VLMOutput:
     loss: torch.Tensor = None      # mean over label tokens
@@ -85,14 +95,11 @@ class VLM(nn.Module):
         self.train()
 
     @classmethod
-    def from_config(cls, cfg: VLMConfig):
+    def from_config(cls, cfg: VLMConfig, tokenizer=None):
         """Loads the backbones named by the config (hub ids or local dirs) and builds a fresh projector. The
-        tokenizer comes first: a chat template that cannot place labels fails before the slow weights load."""
-        tokenizer = from_hub(AutoTokenizer, cfg.lm_model)
-        try:
-            prepare_tokenizer(tokenizer)
-        except ValueError as e:
-            raise ConfigError(f"config field 'lm_model' = {cfg.lm_model!r}: {e}") from None
+        tokenizer (load_tokenizer's, if given) comes first: a chat template that cannot place labels fails before
+        the slow weights load."""
+        tokenizer = tokenizer or load_tokenizer(cfg)
         vision, processor = load_vision(cfg)
         return cls(cfg, vision, processor, from_hub(AutoModelForCausalLM, cfg.lm_model), tokenizer)
 

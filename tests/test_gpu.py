@@ -2,12 +2,16 @@
 non-finite step, exact resume, batched captions and a checkpoint loaded for captioning, all on CUDA. Skipped
 where there is no CUDA device (CI)."""
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import checkpoint
 import main
+from test_instruct_data import instruct  # noqa: F401 (a fixture)
 from test_robustness import on_projector_forward, spy_optimizer_steps
 from test_train import check_resume_is_exact
 from data.packing import n_image_shapes
@@ -46,7 +50,7 @@ def test_compiled_is_close_to_eager(cuda_cfg, tiny_batch):
     compiled = [float(loss_of(model, batch, torch.bfloat16)) for _ in range(3)]  # recorded, then replayed
     eager = float(eager)
     for loss in compiled:
-        assert abs(loss - eager) / eager < 1e-4, (compiled, eager)
+        assert abs(loss - eager) / eager < 1e-3, (compiled, eager)  # bf16: kernels fused differently round differently
 
 
 def test_compiled_training_evaluates_between_steps_like_eager(cuda_cfg):
@@ -123,16 +127,15 @@ def one_step(cfg, tiny_batch, compiled, prepare=lambda model: None):
     prepare(model)
     if compiled:
         model.compile_blocks(n_image_shapes(8))
-    loss = loss_of(model, tiny_batch(model, packed=True), torch.bfloat16)
+    loss = loss_of(model, tiny_batch(model))  # fp32 rows: the blocks' numbers, without bf16's rounding
     loss.backward()
     return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 def assert_same_step(got, expected):
-    """Within bf16's rounding (compiled kernels fuse and round differently from eager's)."""
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-2, atol=0)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=0)
     for name, grad in expected[1].items():
-        torch.testing.assert_close(got[1][name], grad, rtol=5e-2, atol=2e-2 * grad.abs().max().item(), msg=name)
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-3, atol=1e-3 * grad.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -155,3 +158,23 @@ def test_compiled_projector_phase_with_checkpointing_matches_it_without(cuda_cfg
     plain = one_step(cuda_cfg, tiny_batch, compiled=True)
     checkpointed = one_step(dataclasses.replace(cuda_cfg, gradient_checkpointing=True), tiny_batch, compiled=True)
     assert_same_step(checkpointed, plain)
+
+
+def test_unusable_and_text_only_records_add_no_compiled_graph(cuda_cfg, instruct, tmp_path):
+    """Compiled training over the instruction file (every other record text-only) with 3 of its images missing
+    compiles no more graphs than over clean captions: packing gives the LM one shape, and the images come in
+    one slot count (batch_size 8). Before packing, every skipped record made a new batch size to compile."""
+    records = json.loads(Path(instruct["chat_json"]).read_text())
+    for r in [r for r in records if "image" in r][:3]:
+        r["image"] = "missing/" + r["image"]
+    (tmp_path / "dirty.json").write_text(json.dumps(records))
+
+    def graphs(**changes):
+        torch._dynamo.reset()
+        counters.clear()
+        main.train(dataclasses.replace(cuda_cfg, compile=True, max_steps=6, max_bad_fraction=0.5, **changes))
+        return counters["stats"]["unique_graphs"]
+    clean = graphs(out_dir=str(tmp_path / "clean"))
+    dirty = graphs(out_dir=str(tmp_path / "dirty"), chat_json=str(tmp_path / "dirty.json"),
+                   data_dir=instruct["data_dir"], val_size=4)
+    assert 0 < dirty <= clean, (dirty, clean)

@@ -373,8 +373,8 @@ def on_projector_forward(monkeypatch, action):
     """Runs action(call_number, output) -> output after each forward of the projector of every model main builds."""
     real, calls = main.build_model, []
 
-    def build(cfg, device, resuming):
-        model = real(cfg, device, resuming)
+    def build(*args):
+        model = real(*args)
         model.projector.register_forward_hook(lambda module, args, out: (calls.append(1), action(len(calls), out))[1])
         return model
     monkeypatch.setattr(main, "build_model", build)
@@ -417,8 +417,8 @@ def _sum_skips(rank, out_dir):
 def test_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint(tiny_cfg, monkeypatch, on_optimizer_step):
     real, start = main.build_model, {}
 
-    def inf_projector(cfg, device, resuming):
-        model = real(cfg, device, resuming)
+    def inf_projector(*args):
+        model = real(*args)
         with torch.no_grad():
             model.projector.down.weight[0, 0] = float("inf")
         start.update(trainable(model))
@@ -447,7 +447,7 @@ def test_out_of_memory_names_batch_size_and_grad_accum(tiny_cfg, monkeypatch, on
     if where == "optimizer_step":
         on_optimizer_step(lambda optimizer: raise_out_of_memory() if len(steps) == 1 else None)
     cfg = dataclasses.replace(tiny_cfg, max_steps=4, save_every=1)
-    with pytest.raises(RuntimeError, match=r"batch_size=8.*--grad_accum"):
+    with pytest.raises(RuntimeError, match=r"batch_tokens=544.*--grad_accum"):
         main.train(cfg)
     assert steps == [(True, True)]  # the step that ran out of memory did not update anything
     assert [p.name for p in Path(cfg.out_dir).glob("step_*")] == ["step_00000001"]
@@ -898,7 +898,8 @@ def test_a_step_with_no_usable_sample_logs_no_loss_and_a_short_bad_run_is_called
 
 def test_the_validation_split_does_not_depend_on_the_seed(tiny_cfg):
     """Phase 2 with another --seed must not train on phase 1's held-out records."""
-    splits = [main.open_data(dataclasses.replace(tiny_cfg, seed=seed))["val_idx"] for seed in (0, 1, 7)]
+    tokenizer = main.load_tokenizer(tiny_cfg)
+    splits = [main.open_data(dataclasses.replace(tiny_cfg, seed=seed), tokenizer, 0, 1)["val_idx"] for seed in (0, 1, 7)]
     assert splits[0] == splits[1] == splits[2] and len(splits[0]) == tiny_cfg.val_size
 
 
