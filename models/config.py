@@ -151,7 +151,8 @@ RETIRED = {"pad_multiple"}  # fields of older versions, read without a warning (
 
 # The reference recipes (README, "Beyond SigLIP + SmolLM2"), each a starting point that sets a few fields. Phase 1
 # trains the projector at projector_lr, phase 2 LoRA at lora_lr; gradient checkpointing and a small per-device
-# batch let the 3-4B LMs train on one 80 GB GPU (global batch 128, as LLaVA fine-tunes).
+# micro-batch (4,096 tokens: about 16-20 samples of 144 image tokens) let the 3-4B LMs train on one 80 GB GPU, 8 of
+# them a step (about 128-160 samples, as LLaVA fine-tunes).
 # LoRA goes on every linear layer of the LM (lora_targets empty), Phi-3's fused qkv_proj and gate_up_proj included.
 PHI3_MINI = dict(lm_model="microsoft/Phi-3-mini-4k-instruct")
 BIG_LM = dict(lora_lr=2e-4, gradient_checkpointing=True, batch_tokens=4096, grad_accum=8)
