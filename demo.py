@@ -69,7 +69,7 @@ def run(cfg):
     print(f"== captions of held-out images (demo took {time.time() - t0:.0f}s):")
     _, val_loader = main.build_data(lora, out["model"], 0, 1)
     val_set = val_loader.dataset
-    for id_, caption, truth in sample_captions(out["model"], val_set, 8, torch.device("cpu"))[0]:
+    for id_, _, caption, truth in sample_captions(out["model"], val_set, 8, torch.device("cpu"))[0]:
         print(f"  {id_}: {printable(caption)}  (reference: {printable(truth)})")
     samples = root / "samples"  # a few held-out images as files, to try generate.py on
     samples.mkdir(exist_ok=True)

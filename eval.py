@@ -1,9 +1,11 @@
-"""Evaluate a checkpoint: caption LLaVA-format records and score the captions against their reference replies.
+"""Evaluate a checkpoint: ask each LLaVA-format record its own question and score the answers against its reply.
 
     uv run python eval.py --checkpoint checkpoints/demo/lora --data_dir checkpoints/demo/assets/data
 
-Reports CIDEr, BLEU-4, ROUGE-L and exact match (metrics.py), and how many records were skipped and why (a missing
-image, a text-only record, ...), and writes them, with every prediction next to its reference, to a JSON file.
+Each record is prompted with its conversation up to its last assistant reply (its question, and the turns before it),
+and that reply is the reference. Reports CIDEr, BLEU-4, ROUGE-L and exact match for captions, the VQAv2-normalised
+exact match and yes/no accuracy for short answers (metrics.py), how many records were skipped and why (a missing
+image, a text-only record, ...), and writes them, with every prompt, prediction and reference, to a JSON file.
 Which records: --split val scores the records the checkpoint's run held out, which exist only in the data it trained
 on (its run.json holds that chat.json's sha256; the data set's fixed split and the run's val_size pick them, as
 training did); --split all scores every record (a separate test set). The default, auto, is val on the checkpoint's
@@ -55,6 +57,7 @@ from data.download import DataError  # noqa: E402
 from data.llava import ImageStore, LlavaDataset, data_identity, load_records, split_indices  # noqa: E402
 from models.config import ConfigError, VLMConfig  # noqa: E402
 from models.hub import HubError  # noqa: E402
+from metrics import score_line  # noqa: E402
 from report import caption_metrics  # noqa: E402
 
 
@@ -112,7 +115,7 @@ def evaluate(model, dataset, device, batch_size, num_workers, limit=0):
                                             num_workers=num_workers, progress=True)
     if not rows:
         raise DataError(f"no record of the split could be used ({describe(skipped)})")
-    return scores, [{"id": id_, "prediction": caption, "reference": truth} for id_, caption, truth in rows], skipped
+    return scores, [row._asdict() for row in rows], skipped
 
 
 def describe(skipped):
@@ -147,7 +150,7 @@ def main(argv):
                                "split": data.split, "n": len(predictions), "skipped": sum(skipped.values()),
                                "skipped_reasons": dict(skipped), "metrics": scores, "predictions": predictions},
                               indent=1) + "\n")
-    print(" | ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    print(score_line(scores, digits=4)
           + f"  ({len(predictions)} records scored, {describe(skipped)}; {out})")
     return scores
 

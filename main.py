@@ -40,6 +40,7 @@ from data.llava import (ImageStore, LlavaDataset, SkipTally, data_identity, igno
 from data.packing import MODEL_INPUTS, Packer, PackedBatchSampler, n_image_shapes, plan_micro_batches, sample_lengths  # noqa: E402
 from models.vision import n_image_tokens  # noqa: E402
 from models.vlm import VLM, check_shapes, load_tokenizer  # noqa: E402
+from metrics import score_line  # noqa: E402
 from report import Reporter, caption_metrics, sample_captions, step_line  # noqa: E402
 from throughput import Meter  # noqa: E402
 
@@ -347,7 +348,7 @@ def train_phase(cfg, rank, world, device):
                 reporter.log(step, {"val_loss": result["val_loss"]}, captions)
                 if done and cfg.metric_records and rank == 0:  # the captioning metrics: once a phase, they are slow
                     result["caption_scores"], _, _ = caption_metrics(model, val_loader.dataset, cfg.metric_records, device)
-                    reporter.print(f"step {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in result["caption_scores"].items()))
+                    reporter.print(f"step {step}: " + score_line(result["caption_scores"]))
                     reporter.log(step, {f"val_{k}": v for k, v in result["caption_scores"].items()})
             if step % cfg.eval_every == 0 or done:
                 reporter.plot_curves()

@@ -5,13 +5,14 @@ Only rank 0 reports; the other ranks stay quiet.
 import json
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.llava import ignore_stop_signals, start_workers
-from metrics import caption_scores
+from metrics import answer_scores, caption_scores
 
 
 def printable(text):
@@ -27,10 +28,18 @@ def step_line(step, total, lr, loss, s, skipped):
             f"data wait {100 * s['data_wait']:.0f}% | skipped {skipped}")
 
 
+class Answer(NamedTuple):
+    id: str
+    prompt: str      # what the model was given: the conversation up to the scored reply (special tokens left out)
+    prediction: str
+    reference: str
+
+
 def sample_captions(model, dataset, n, device, batch_size=64, num_workers=0, progress=False):
-    """(rows, skipped): (id, caption, reference) for the image records among the first n (fixed) of a dataset,
-    captioned in batches, and {reason: count} of the records left out (unusable ones by their skip reason,
-    text-only ones as text_only); num_workers DataLoader workers decode the images meanwhile."""
+    """(rows, skipped): an Answer for each image record among the first n (fixed) of a dataset, and {reason: count}
+    of the records left out (unusable ones by their skip reason, text-only ones as text_only). Each record is asked
+    its own question: its conversation up to its last assistant reply, which is the reference (scored_turn).
+    Records of different prompts are generated in one batch; num_workers DataLoader workers decode the images."""
     first_n = Subset(dataset, range(min(n, len(dataset))))
     rows, skipped = [], Counter()
     loader = DataLoader(first_n, batch_size, num_workers=num_workers, collate_fn=list, worker_init_fn=ignore_stop_signals)
@@ -39,23 +48,34 @@ def sample_captions(model, dataset, n, device, batch_size=64, num_workers=0, pro
         chunk = [item for item in chunk if "pixel_values" in item]
         if not chunk:
             continue
-        captions = model.generate(torch.stack([item["pixel_values"] for item in chunk]).to(device))
-        rows += [(item["id"], caption, reference(model.tokenizer, item)) for item, caption in zip(chunk, captions)]
+        turns = [scored_turn(model.tokenizer, item) for item in chunk]
+        predictions = model.generate_from_ids([ids for ids, _ in turns],
+                                              torch.stack([item["pixel_values"] for item in chunk]).to(device))
+        rows += [Answer(item["id"], model.tokenizer.decode(ids, skip_special_tokens=True).strip(), prediction, truth)
+                 for item, (ids, truth), prediction in zip(chunk, turns, predictions)]
     return rows, skipped
 
 
 def caption_metrics(model, dataset, n, device, **captioning):
-    """(metrics.caption_scores, rows, skipped) of sample_captions over the first n records; scores {} if none is
-    usable. captioning: sample_captions' batch_size, num_workers, progress."""
+    """(scores, rows, skipped) of sample_captions over the first n records: metrics.caption_scores (captions) and
+    metrics.answer_scores (short answers, VQA-style), {} if no record is usable. captioning: sample_captions'
+    batch_size, num_workers, progress."""
     rows, skipped = sample_captions(model, dataset, n, device, **captioning)
     if not rows:
         return {}, [], skipped
-    return caption_scores([caption for _, caption, _ in rows], [truth for _, _, truth in rows]), rows, skipped
+    predictions, references = [r.prediction for r in rows], [r.reference for r in rows]
+    return {**caption_scores(predictions, references), **answer_scores(predictions, references)}, rows, skipped
 
 
-def reference(tokenizer, item):
-    """The text a data set item trains on (its labelled tokens), special tokens left out."""
-    return tokenizer.decode([t for t in item["labels"].tolist() if t >= 0], skip_special_tokens=True)
+def scored_turn(tokenizer, item):
+    """(prompt ids, reference text) of a data set item's last assistant reply: the prompt is everything before the
+    reply (the conversation so far and the assistant header), the reference the reply's text."""
+    labels = item["labels"].tolist()
+    end = max(i for i, label in enumerate(labels) if label >= 0) + 1
+    start = end - 1
+    while start > 0 and labels[start - 1] >= 0:
+        start -= 1
+    return item["input_ids"][:start].tolist(), tokenizer.decode(labels[start:end], skip_special_tokens=True).strip()
 
 
 class Reporter:
@@ -77,16 +97,16 @@ class Reporter:
             tqdm.write(line)
 
     def log(self, step, metrics, captions=()):
-        """Appends {step, **metrics} to log.jsonl (and wandb); captions are (id, caption, reference) rows."""
+        """Appends {step, **metrics} to log.jsonl (and wandb); captions are sample_captions' Answer rows."""
         if self.quiet:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for id_, caption, truth in captions:
-            tqdm.write(f"  [{id_}] {printable(caption)}  (reference: {printable(truth)})")
+        for row in captions:
+            tqdm.write(f"  [{row.id}] {printable(row.prediction)}  (reference: {printable(row.reference)})")
         if self.wandb:
             import wandb
-            extra = {"captions": wandb.Table(columns=["id", "caption", "reference"], data=list(captions))} if captions else {}
+            extra = {"captions": wandb.Table(columns=list(Answer._fields), data=[list(r) for r in captions])} if captions else {}
             self.wandb.log({**metrics, **extra}, step=step)
 
     def plot_curves(self):

@@ -90,8 +90,8 @@ def held_out(result, cfg):
     model = result["model"]
     _, val_loader = main.build_data(cfg, model, 0, 1)
     rows, _ = sample_captions(model, val_loader.dataset, len(val_loader.dataset), next(model.parameters()).device)
-    return {"accuracy": sum(caption == ref for _, caption, ref in rows) / max(len(rows), 1),
-            "val_loss": result["val_loss"], "examples": [[printable(c), ref] for _, c, ref in rows[:3]]}
+    return {"accuracy": sum(r.prediction == r.reference for r in rows) / max(len(rows), 1),
+            "val_loss": result["val_loss"], "examples": [[printable(r.prediction), r.reference] for r in rows[:3]]}
 
 
 def sweep(args):

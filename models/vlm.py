@@ -12,7 +12,8 @@ from models.config import ConfigError, VLMConfig
 from models.hub import from_hub
 from models.lora import apply_lora, linear_names
 from models.projector import Projector
-from models.prompt import DEFAULT_PROMPT, IMAGE_TOKEN, encode_prompt, end_of_turn_id, label_positions, prepare_tokenizer
+from models.prompt import (DEFAULT_PROMPT, IMAGE_TOKEN, encode, encode_prompt, end_of_turn_id, label_positions,
+                           prepare_tokenizer)
 from models.vision import load_vision, n_image_tokens, tower_class, tower_names, vision_config
 
 
@@ -225,23 +226,52 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, pixel_values, prompt=DEFAULT_PROMPT, max_new_tokens=32, temperature=0.0, top_p=1.0,
                  streamer=None):
-        """Caption a batch of uint8 images [B, 3, H, W] (image_pixels): the vision tower runs once per image,
-        then the LM decodes with its KV cache; each sequence stops at its own end-of-turn token. A transformers
-        streamer (one image only) receives the tokens as they come, e.g. TextIteratorStreamer for app.py."""
-        ids = torch.tensor([encode_prompt(self.tokenizer, prompt, self.n_image_tokens)] * len(pixel_values),
-                           device=pixel_values.device)  # one prompt for all: no padding needed
+        """Caption (or answer about) a batch of uint8 images [B, 3, H, W] (image_pixels). prompt: one for every
+        image, or a list of one per image (rows of different lengths are left-padded and masked)."""
+        prompts = [prompt] * len(pixel_values) if isinstance(prompt, str) else list(prompt)
+        ids = [encode_prompt(self.tokenizer, p, self.n_image_tokens) for p in prompts]
+        return self.generate_from_ids(ids, pixel_values, max_new_tokens, temperature, top_p, streamer)
+
+    @torch.no_grad()
+    def chat(self, pixel_values, messages, max_new_tokens=128, temperature=0.0, top_p=1.0, streamer=None):
+        """One new assistant reply to a conversation about one image ([1, 3, H, W]): messages are the chat so far
+        ({"role": "user"|"assistant", "content"}), the image's <image> in the first user turn (added if missing),
+        ending with the user's new question."""
+        messages = [dict(m) for m in messages]
+        if not any(IMAGE_TOKEN in m["content"] for m in messages):
+            messages[0]["content"] = f"{IMAGE_TOKEN}\n{messages[0]['content']}"
+        ids, _ = encode(self.tokenizer, messages, self.n_image_tokens, generation_prompt=True)
+        return self.generate_from_ids([ids], pixel_values, max_new_tokens, temperature, top_p, streamer)[0]
+
+    @torch.no_grad()
+    def generate_from_ids(self, prompts, pixel_values, max_new_tokens=32, temperature=0.0, top_p=1.0, streamer=None):
+        """prompts: token ids per row, each ending with the assistant header (models.prompt.encode with
+        generation_prompt=True), its image positions expanded; pixel_values: the images of the rows that have them,
+        in row order. Rows are left-padded and masked, so each is decoded as if alone: the vision tower runs once per
+        image, then the LM decodes with its KV cache; each row stops at its own end-of-turn token. A transformers
+        streamer (one row only) receives the tokens as they come, e.g. TextIteratorStreamer for app.py."""
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), T), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, T - len(p):], mask[row, T - len(p):] = torch.tensor(p), 1
+        ids, mask = ids.to(pixel_values.device), mask.to(pixel_values.device)
         autocast = torch.autocast("cuda", torch.bfloat16) if ids.is_cuda else contextlib.nullcontext()
         was_training = self.training
         self.eval()
-        try:  # eager: each decoded token is a new length, which compiled layers would recompile for
+        # transformers' own SDPA attention reads the padding mask (packed attention, training's, needs none); eager:
+        # each decoded token is a new length, which compiled layers would recompile for
+        self.lm.set_attn_implementation("sdpa")
+        try:
             with autocast, torch.compiler.set_stance("force_eager"):
                 out = self.lm.generate(
-                    inputs_embeds=self.embed(ids, pixel_values), attention_mask=torch.ones_like(ids),
+                    inputs_embeds=self.embed(ids, pixel_values), attention_mask=mask,
                     max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
                     top_p=top_p if temperature > 0 else None,
                     eos_token_id=[self.end_of_turn_id, self.tokenizer.eos_token_id],  # the reply's end, or the text's
                     pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
         finally:
+            self.lm.set_attn_implementation(PACKED_ATTENTION)
             self.train(was_training)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 

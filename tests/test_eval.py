@@ -14,7 +14,7 @@ import main
 from data.llava import data_identity, split_indices
 from models.vlm import VLM
 
-METRICS = {"cider", "bleu4", "rouge_l", "exact_match"}
+METRICS = {"cider", "bleu4", "rouge_l", "exact_match", "vqa_exact_match", "yes_no_accuracy", "yes_no_n"}
 
 
 @pytest.mark.slow
@@ -33,7 +33,8 @@ def test_training_and_eval_py_score_the_same_held_out_captions(tiny_cfg, tmp_pat
     assert written["split"] == "val"  # auto: the run's run.json names this data
     assert written["metrics"] == pytest.approx(scores)  # the same records, model and metrics as training's
     assert written["n"] == len(written["predictions"]) == 6
-    assert all(set(p) == {"id", "prediction", "reference"} and p["reference"] for p in written["predictions"])
+    assert all(set(p) == {"id", "prompt", "prediction", "reference"} and p["reference"] for p in written["predictions"])
+    assert all("<image>" not in p["prompt"] and p["prompt"] for p in written["predictions"])
 
 
 def test_eval_py_refuses_a_folder_without_chat_json_before_loading(tmp_path, capsys):

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from metrics import caption_scores, tokenize
+from metrics import answer_scores, caption_scores, tokenize, vqa_normalize
 
 # (prediction, reference): capitals, punctuation, clitics, hyphens, numbers, quotes, brackets, a short answer
 PAIRS = [
@@ -41,3 +41,21 @@ def test_an_empty_caption_scores_zero_instead_of_failing():
 def test_mismatched_lists_are_refused():
     with pytest.raises(ValueError, match="as many predictions as references"):
         caption_scores(["a cat"], ["a cat", "a dog"])
+
+
+# The VQAv2 evaluation's normalisation (vqaEval.py: processPunctuation, then processDigitArticle), case by case
+VQA_CASES = [("Two", "2"), ("a dog.", "dog"), ("Yes!", "yes"), ("The red one", "red 1"), ("dont know", "don't know"),
+             ("1,000", "1000"), ("3.5", "3.5"), ("t-shirt", "t shirt"), ("left, right", "left right"),
+             ("  No.\n", "no"), ("an apple", "apple"), ("ten", "10"), ("none", "0"), ("cant", "can't"),
+             ("black and white", "black and white"), ("(stop)", "stop")]
+
+
+@pytest.mark.parametrize("answer, normalized", VQA_CASES)
+def test_vqa_normalisation_follows_the_official_rules(answer, normalized):
+    assert vqa_normalize(answer) == normalized
+
+
+def test_answer_scores_count_exact_matches_and_yes_no_apart():
+    scores = answer_scores(["Yes", "two dogs", "No.", "a cat"], ["yes", "2 dogs", "yes", "cat"])
+    assert scores == {"vqa_exact_match": 0.75, "yes_no_accuracy": 0.5, "yes_no_n": 2}
+    assert answer_scores(["red"], ["blue"])["yes_no_accuracy"] is None
