@@ -68,13 +68,14 @@ def all_reduce(t, op=dist.ReduceOp.SUM):
 
 
 def skips_over_ranks(tally):
-    """(samples seen, Counter of skipped samples by reason), summed over every rank: the log reports the run,
-    not rank 0's share of it."""
-    parts = [(tally.seen, tally.skipped)]
+    """(samples seen, Counter of skipped samples by reason, samples truncated), summed over every rank: the log
+    reports the run, not rank 0's share of it."""
+    mine = (tally.seen, tally.skipped, tally.truncated)
+    parts = [mine]
     if dist.is_initialized():
         parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (tally.seen, tally.skipped))
-    return sum(seen for seen, _ in parts), sum((skipped for _, skipped in parts), Counter())
+        dist.all_gather_object(parts, mine)
+    return sum(p[0] for p in parts), sum((p[1] for p in parts), Counter()), sum(p[2] for p in parts)
 
 
 def follow_applied_steps(scheduler, applied):
@@ -270,7 +271,7 @@ def train_phase(cfg, rank, world, device):
     # is given another try when resumed (its first step decides)
     worst_streak, loss_sum, loss_tokens = torch.zeros_like(bad_streak), torch.zeros((), device=device), torch.zeros((), device=device)
     meter, reporter = Meter(model, device, world), Reporter(cfg, rank, state["step"], state["run_id"])
-    seen, skipped = tally.seen, tally.skipped  # summed over ranks at each log line
+    seen, skipped, truncated = tally.seen, tally.skipped, tally.truncated  # summed over ranks at each log line
     result = {"losses": [], "stats": [], "val_loss": None, "caption_scores": None, "checkpoint": resume_from}
     reporter.print(f"phase {cfg.phase}: {sum(p.numel() for p in params):,} trainable parameters, {model.n_image_tokens} "
                    f"image tokens, {cfg.batch_tokens * cfg.grad_accum * world} tokens a step, steps {state['step']}->{total}"
@@ -326,12 +327,12 @@ def train_phase(cfg, rank, world, device):
                 state["bad_steps"], state["bad_in_a_row"], worst = torch.stack([bad_total, bad_streak, worst_streak]).tolist()
                 follow_applied_steps(scheduler, step - state["bad_steps"])
                 loss_sum, loss_tokens, worst_streak = torch.zeros_like(loss_sum), torch.zeros_like(loss_tokens), bad_streak.clone()
-                seen, skipped = skips_over_ranks(tally)
+                seen, skipped, truncated = skips_over_ranks(tally)
                 result["losses"].append((step, loss))
                 result["stats"].append(stats)
-                reporter.print(step_line(step, total, lr, loss, stats, sum(skipped.values())))
+                reporter.print(step_line(step, total, lr, loss, stats, sum(skipped.values()), truncated))
                 reporter.log(step, {"loss": loss, "lr": lr, **stats, "bad_steps": state["bad_steps"],
-                                    **{f"skipped/{k}": v for k, v in skipped.items()}})
+                                    "truncated": truncated, **{f"skipped/{k}": v for k, v in skipped.items()}})
                 if worst >= cfg.max_bad_steps:
                     state["data"] = tally.state_dict()
                     path = checkpoint.save(cfg.out_dir, model, optimizer, scheduler, state, rank, cfg.keep_last)
@@ -368,9 +369,12 @@ def train_phase(cfg, rank, world, device):
         if sum(skipped.values()) > cfg.max_bad_fraction * seen:  # a short run ends before the check starts
             reporter.print(f"warning: that is more than max_bad_fraction={cfg.max_bad_fraction}; the run did not stop "
                            f"for it because the check starts after {min_seen} samples. Check the data")
+    if truncated:
+        reporter.print(f"truncated {truncated} of {seen} samples at the end of an assistant turn to fit "
+                       f"max_text_tokens={cfg.max_text_tokens}: their later turns did not train (raise it to keep them)")
     if stopping:
         raise Stopped(signal.Signals(stopping), state["step"], result["checkpoint"])
-    return {**result, "model": model, "step": state["step"], "skipped": dict(skipped)}
+    return {**result, "model": model, "step": state["step"], "skipped": dict(skipped), "truncated": truncated}
 
 
 def lr_field(cfg):

@@ -23,7 +23,7 @@ from datasets import Dataset
 from PIL import Image, ImageOps
 
 from data.download import DataError
-from models.prompt import SampleError, encode, encoded_length, to_messages
+from models.prompt import SampleError, encode, encoded_length, to_messages, trained_turns
 from models.vision import image_pixels
 
 
@@ -195,18 +195,18 @@ class LlavaDataset(torch.utils.data.Dataset):
         try:
             record = self.record(i)
             record_id = str(record.get("id", record_id)).encode("utf-8", "backslashreplace").decode()  # printable
-            input_ids, labels = self.encode_text(record.get("conversations"), has_image="image" in record)
-            sample = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "id": record_id}
+            messages = checked_messages(record.get("conversations"))
+            input_ids, labels = encode(self.tokenizer, messages, self.n_image_tokens, self.max_text_tokens,
+                                       has_image="image" in record)
+            cut = sum(m["role"] == "assistant" for m in messages) > trained_turns(labels)  # longer than max_text_tokens
+            sample = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "id": record_id,
+                      "truncated": cut}
             if "image" in record:
                 image = decode_image(self.images.read(record["image"]))
                 sample["pixel_values"] = image_pixels(self.processor, [image], self.image_fit)[0]  # [3, H, W] uint8
         except SampleError as e:
             return {"skip": e.reason, "id": record_id}
         return sample
-
-    def encode_text(self, conversations, has_image):
-        return encode(self.tokenizer, checked_messages(conversations), self.n_image_tokens, self.max_text_tokens,
-                      has_image=has_image)
 
 
 def checked_messages(conversations):
@@ -232,18 +232,21 @@ def steps_of_micro_batches(loader, start_step, grad_accum):
 
 
 class SkipTally:
-    """Records seen and skipped (by reason) on this rank. Stops the run when the data set is mostly unusable;
+    """Records seen, skipped (by reason) and truncated on this rank. Stops the run when the data set is mostly unusable;
     the fraction is judged once min_seen samples were seen, so one unlucky first batch does not end a run."""
 
-    def __init__(self, seen=0, skipped=(), examples=()):
+    def __init__(self, seen=0, skipped=(), examples=(), truncated=0):
         self.seen, self.skipped, self.examples = seen, Counter(dict(skipped)), list(examples)
+        self.truncated = truncated  # samples cut at a turn's end to fit max_text_tokens (trained, not skipped)
 
     def state_dict(self):
-        return {"seen": self.seen, "skipped": dict(self.skipped), "examples": self.examples}
+        return {"seen": self.seen, "skipped": dict(self.skipped), "examples": self.examples,
+                "truncated": self.truncated}
 
     def add(self, batches):
         for b in batches:
             self.seen += len(b["lengths"]) + len(b["skipped_ids"])
+            self.truncated += b["truncated"]
             self.skipped.update(b["skipped"])
             self.examples = (self.examples + b["skipped_ids"])[:5]
 

@@ -130,6 +130,7 @@ class Packer:
             "n_label_tokens": len(label_index),
             "lengths": lengths,                                                # the samples' own lengths
             "n_images": len(images),
+            "truncated": sum(s.get("truncated", False) for s in good),  # cut at a turn's end to fit
             "skipped": Counter(s["skip"] for s in bad),
             "skipped_ids": [s["id"] for s in bad],
         }

@@ -101,6 +101,7 @@ def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation
     ids = _ids(tokenizer, messages, generation_prompt)
     labels = [IGNORE] * len(ids)
     eot = end_of_turn_id(tokenizer)
+    turn_ends = []  # where each assistant turn (its reply and end-of-turn token) ends
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -117,6 +118,7 @@ def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation
                              "may rewrite earlier replies), so labels cannot be placed; give the tokenizer a "
                              "template that renders turns incrementally")
         labels[start:end] = ids[start:end]
+        turn_ends.append(end)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     n_images = ids.count(image_id)
     if n_images != has_image:
@@ -124,29 +126,40 @@ def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation
                   else "image_token_without_image")
         raise SampleError(reason, f"expected {int(has_image)} {IMAGE_TOKEN} in the conversation, found {n_images}")
     at = ids.index(image_id) if has_image else None
-    keep = kept_tokens(len(ids), max_text_tokens, has_image)
-    if keep < len(ids):
-        if has_image and at >= max_text_tokens:
-            raise SampleError("image_beyond_max_text_tokens", f"{IMAGE_TOKEN} sits at text token {at}")
-        ids, labels = ids[:keep], labels[:keep]
+    keep = kept_tokens(len(ids), turn_ends, max_text_tokens, has_image)
+    if keep == 0:
+        raise SampleError("longer_than_max_text_tokens", f"its first reply ends at text token "
+                          f"{turn_ends[0] - has_image}, past max_text_tokens={max_text_tokens}")
+    ids, labels = ids[:keep], labels[:keep]
     if not generation_prompt and all(l == IGNORE for l in labels):
-        raise SampleError("no_target_tokens", "nothing left to train on (empty or truncated reply)")
+        raise SampleError("no_target_tokens", "nothing to train on (no assistant reply)")
     if has_image:
         ids = ids[:at] + [image_id] * n_image_tokens + ids[at + 1:]
         labels = labels[:at] + [IGNORE] * n_image_tokens + labels[at + 1:]
     return ids, labels
 
 
-def kept_tokens(n, max_text_tokens, has_image):
-    """Of a sample's n rendered tokens (its image one placeholder), how many `encode` keeps: the text is cut to
-    max_text_tokens, never the image."""
-    return n if max_text_tokens is None else min(n, max_text_tokens + has_image)
+def kept_tokens(n, turn_ends, max_text_tokens, has_image):
+    """Of a sample's n rendered tokens (its image one placeholder), how many `encode` keeps: all when its text fits
+    max_text_tokens; else up to the end of its last whole assistant turn that fits, never within a turn (0 when not
+    even the first reply fits: the sample is skipped). The image sits in the first user turn, so it is never cut."""
+    if max_text_tokens is None or n - has_image <= max_text_tokens:
+        return n
+    return max((end for end in turn_ends if end - has_image <= max_text_tokens), default=0)
+
+
+def trained_turns(labels):
+    """How many assistant turns a sample's labels train (runs of labelled positions): fewer than the conversation's
+    assistant turns when `encode` cut it."""
+    return sum(1 for i, label in enumerate(labels) if label != IGNORE and (i == 0 or labels[i - 1] == IGNORE))
 
 
 def encoded_length(tokenizer, messages, n_image_tokens, max_text_tokens=None, has_image=True):
-    """len(encode(...)[0]) for a conversation `encode` accepts, from one rendering (encode renders every turn): what
-    packing plans micro-batches with, before any image is read."""
-    n = kept_tokens(len(_ids(tokenizer, messages)), max_text_tokens, has_image)
+    """len(encode(...)[0]) for a conversation `encode` accepts: what packing plans micro-batches with, before any
+    image is read. A sample that fits takes one rendering (encode renders every turn); a longer one is encoded."""
+    n = len(_ids(tokenizer, messages))
+    if max_text_tokens is not None and n - has_image > max_text_tokens:
+        n = len(encode(tokenizer, messages, 1, max_text_tokens, has_image=has_image)[0])  # cut at a turn's end
     return n + has_image * (n_image_tokens - 1)
 
 

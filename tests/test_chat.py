@@ -1,13 +1,20 @@
 """Generation of different prompts in one batch (left padding and a mask), as each alone, on a Llama-type, a
 Qwen2-type and a Phi-3-type LM; a multi-turn chat call; evaluation asks each record its own question."""
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+import main
 from data.shapes import draw
 from models.config import VLMConfig
 from models.tiny import build_lm
 from models.vision import image_pixels
+from models.prompt import encode, to_messages
 from models.vlm import VLM
+from test_instruct_data import instruct  # noqa: F401 (a fixture)
 
 PROMPTS = ["<image>\nWhat is it?", "<image>\nDescribe the image in a few words, please, as briefly as you can.",
            "Where is the shape?\n<image>"]
@@ -48,7 +55,6 @@ def test_chat_answers_with_the_history_and_training_attention_comes_back(model):
 def test_evaluation_asks_each_record_its_own_question(tiny_cfg, tmp_path, monkeypatch):
     """Records about the same picture whose answers depend on the question (one of them multi-turn): each is
     prompted with its own conversation up to its last reply, which is its reference; one batch holds them all."""
-    import json
     from data.llava import ImageStore, LlavaDataset, load_records
     from report import sample_captions
     draw("red", "circle", "center").save(tmp_path / "img.png")
@@ -72,3 +78,22 @@ def test_evaluation_asks_each_record_its_own_question(tiny_cfg, tmp_path, monkey
     assert batches == [4] and not skipped
     assert [(r.prediction, r.reference) for r in rows] == [(q, a) for q, a in qa] + [("And its shape?", "a circle .")]
     assert "What colour is the shape?" in rows[3].prompt and "red ." in rows[3].prompt  # the history comes along
+
+
+def test_a_conversation_over_budget_keeps_whole_turns_and_the_run_counts_it(tiny_cfg, instruct, capsys):
+    """Phase 2 on the instruction file with a text budget that holds each record's first exchange but not its
+    second: every record trains its first reply, none is skipped, and the log counts the truncated samples."""
+    records = json.loads(Path(instruct["chat_json"]).read_text())
+    tok = VLM.from_config(tiny_cfg).tokenizer
+    full = [len(encode(tok, to_messages(r["conversations"]), 4, has_image="image" in r)[0]) - ("image" in r) * 4
+            for r in records]
+    first = [len(encode(tok, to_messages(r["conversations"][:2]), 4, has_image="image" in r)[0]) - ("image" in r) * 4
+             for r in records]
+    budget = max(first)
+    assert budget < min(full)  # every record is cut after its first exchange
+    cfg = dataclasses.replace(tiny_cfg, chat_json=instruct["chat_json"], data_dir=instruct["data_dir"], val_size=4,
+                              max_steps=2, batch_size=4, max_text_tokens=budget, batch_tokens=4 * (budget + 4))
+    result = main.train(cfg)
+    assert result["truncated"] == 8 and not result["skipped"]
+    out = capsys.readouterr().out
+    assert "| truncated 4" in out and "truncated 8 of 8 samples" in out

@@ -2,7 +2,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from models.prompt import IGNORE, IMAGE_TOKEN, SampleError, add_image_token, encode, encode_prompt, to_messages
+from models.prompt import (IGNORE, IMAGE_TOKEN, SampleError, add_image_token, encode, encode_prompt, encoded_length,
+                           end_of_turn_id, to_messages, trained_turns)
 
 N_IMAGE = 5  # any count: the image placeholder expands to what the projector emits
 INSTRUCTION = "Describe the image concisely."
@@ -107,32 +108,35 @@ def test_a_sample_needs_exactly_one_image(tok, turns, reason):
     assert e.value.reason == reason
 
 
-@pytest.mark.parametrize("user", [f"{IMAGE_TOKEN}\n{INSTRUCTION}", f"{INSTRUCTION}\n{IMAGE_TOKEN}"],
-                         ids=["image_first", "image_last"])
-def test_truncation_cuts_text_never_the_image(tok, user):
-    long_caption = " ".join([CAPTION] * 20)
-    full_ids, _ = encode(tok, chat(user, long_caption), N_IMAGE)
-    max_text = len(full_ids) - N_IMAGE - 30  # text tokens to keep: cuts into the reply only
-    ids, labels = encode(tok, chat(user, long_caption), N_IMAGE, max_text_tokens=max_text)
-    assert len(ids) == len(labels) == max_text + N_IMAGE
-    assert image_span(tok, ids)[1] == N_IMAGE
-    assert ids == full_ids[:len(ids)]  # the end is cut, nothing else
-    (trained,) = trained_runs(tok, ids, labels)
-    assert long_caption.startswith(trained) and len(trained) < len(long_caption)
+def multi_turn(n):
+    return [m for i in range(n) for m in ({"role": "user", "content": f"{IMAGE_TOKEN}\nWhat is it?" if i == 0 else
+                                          f"And turn {i}?"}, {"role": "assistant", "content": f"{CAPTION} ({i})"})]
 
 
-def test_truncation_refuses_a_sample_whose_image_would_be_cut(tok):
-    long_instruction = " ".join([INSTRUCTION] * 20)
-    with pytest.raises(SampleError) as e:
-        encode(tok, chat(f"{long_instruction}\n{IMAGE_TOKEN}", CAPTION), N_IMAGE, max_text_tokens=40)
-    assert e.value.reason == "image_beyond_max_text_tokens"
+def test_an_overlong_conversation_is_cut_at_the_end_of_a_turn(tok):
+    """Whole turns are kept, up to the last assistant turn that fits (its end-of-turn token included); the image
+    is never cut; encoded_length plans with the cut length."""
+    messages = multi_turn(4)
+    full_ids, full_labels = encode(tok, messages, N_IMAGE)
+    assert trained_turns(full_labels) == 4
+    kept = set()
+    for max_text in range(len(full_ids) - N_IMAGE - 1, 20, -7):
+        try:
+            ids, labels = encode(tok, messages, N_IMAGE, max_text_tokens=max_text)
+        except SampleError as e:
+            assert e.reason == "longer_than_max_text_tokens"
+            continue
+        assert len(ids) - N_IMAGE <= max_text and ids == full_ids[:len(ids)] and labels == full_labels[:len(ids)]
+        assert image_span(tok, ids)[1] == N_IMAGE
+        assert ids[-1] == end_of_turn_id(tok)  # ends with a whole reply
+        assert encoded_length(tok, messages, N_IMAGE, max_text) == len(ids)
+        kept.add(trained_turns(labels))
+    assert {1, 2, 3} <= kept
 
 
-def test_a_sample_with_no_reply_left_to_train_is_refused(tok):
-    messages = chat(f"{IMAGE_TOKEN}\n{INSTRUCTION}", CAPTION)
-    prompt_text_tokens = len(encode_prompt(tok, INSTRUCTION, N_IMAGE)) - N_IMAGE  # the image is no text token
-    with pytest.raises(SampleError) as e:
-        encode(tok, messages, N_IMAGE, max_text_tokens=prompt_text_tokens)
-    assert e.value.reason == "no_target_tokens"
-    ids, labels = encode(tok, messages, N_IMAGE, max_text_tokens=prompt_text_tokens + 1)
-    assert trained_runs(tok, ids, labels) == [tok.decode(tok(CAPTION)["input_ids"][:1])]  # one reply token left
+def test_a_sample_whose_first_reply_does_not_fit_is_skipped_with_a_reason(tok):
+    for user in (f"{IMAGE_TOKEN}\n{INSTRUCTION}", " ".join([INSTRUCTION] * 20) + f"\n{IMAGE_TOKEN}"):
+        messages = chat(user, " ".join([CAPTION] * 20))
+        with pytest.raises(SampleError) as e:
+            encode(tok, messages, N_IMAGE, max_text_tokens=40)
+        assert e.value.reason == "longer_than_max_text_tokens"

@@ -52,7 +52,7 @@ LONG = " ".join([CAPTION] * 60)  # far over max_text_tokens
 NON_UTF8 = "NON_UTF8_HERE"  # replaced by invalid UTF-8 bytes in chat.json
 DROP = object()  # a record field left out
 REASONS = ("missing_image", "empty_image_file", "corrupt_image", "image_too_large", "bad_text", "malformed_record",
-           "empty_reply", "no_image_token", "several_image_tokens", "image_beyond_max_text_tokens", "no_target_tokens",
+           "empty_reply", "no_image_token", "several_image_tokens", "longer_than_max_text_tokens", "no_target_tokens",
            "image_token_without_image")
 # every skip reason there is, but "unreadable_image" (no permission, an I/O error: not to be had as root)
 
@@ -104,16 +104,17 @@ def bad_cases():
         ("20000x2", USED, encoded(Image.new("RGB", (20000, 2), (200, 10, 10))), {}),
         ("exotic_unicode", USED, jpeg, dict(reply=EXOTIC)),
         ("non_utf8_bytes", USED, jpeg, dict(reply=f"a {NON_UTF8} circle .")),
-        ("overlong_caption", USED, jpeg, dict(reply=LONG)),
+        ("overlong_caption", "longer_than_max_text_tokens", jpeg, dict(reply=LONG)),
         ("lone_surrogate_id", USED, jpeg, dict(id="id\ud800")),
         ("lone_surrogate", "bad_text", jpeg, dict(reply="a red \ud800 circle .")),
         ("empty_caption", "empty_reply", jpeg, dict(reply="")),
         ("blank_caption", "empty_reply", jpeg, dict(reply=" \n ")),
         ("no_image_token", "no_image_token", jpeg, dict(user="Describe the image.")),
         ("two_image_tokens", "several_image_tokens", jpeg, dict(user="<image>\n<image>\nDescribe.")),
-        ("image_after_max_text", "image_beyond_max_text_tokens", jpeg,
+        ("image_after_max_text", "longer_than_max_text_tokens", jpeg,
          dict(user="Describe the image in detail. " * 30 + "<image>")),
-        ("reply_cut_off", "no_target_tokens", jpeg, dict(user="<image>\n" + "Describe the image in detail. " * 30)),
+        ("reply_cut_off", "longer_than_max_text_tokens", jpeg, dict(user="<image>\n" + "Describe the image in detail. " * 30)),
+        ("no_reply", "no_target_tokens", jpeg, dict(conversations=[{"from": "human", "value": "<image>\nDescribe."}])),
         ("no_image_key", "image_token_without_image", jpeg, dict(image=DROP)),  # text-only, yet <image> in it
         ("no_conversations_key", "malformed_record", jpeg, dict(conversations=DROP)),
         ("conversations_is_int", "malformed_record", jpeg, dict(conversations=7)),
@@ -206,9 +207,6 @@ def test_each_bad_record_is_used_or_skipped_with_its_reason(tiny_assets, tiny_cf
             assert text == EXOTIC + "<|im_end|>"
         if name == "non_utf8_bytes":
             assert text == "a caf\ufffd \ufffd\ufffd circle .<|im_end|>"
-        if name == "overlong_caption":  # truncated to max_text_tokens, still trained
-            assert len(item["input_ids"]) == tiny_cfg.max_text_tokens + model.n_image_tokens
-            assert LONG.startswith(text) and len(text) > len(CAPTION)
         if name == "lone_surrogate_id":
             assert item["id"] == "id\\ud800"
     assert got == {name: expect for name, expect, _, _ in bad_cases()}
@@ -403,14 +401,16 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch, on_opti
 def test_skip_counts_are_summed_over_ranks(tmp_path):
     """Each rank tallies its own records; the log line and the run's result report the sum (2 gloo processes)."""
     torch.multiprocessing.spawn(_sum_skips, args=(str(tmp_path),), nprocs=2)
-    assert [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)] == [[5, {"bad_text": 1, "missing_image": 3}]] * 2
+    expected = [5, {"bad_text": 1, "missing_image": 3}, 3]
+    assert [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)] == [expected] * 2
 
 
 def _sum_skips(rank, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
-    mine = SkipTally(seen=2 + rank, skipped={"missing_image": 1 + rank, **({"bad_text": 1} if rank else {})})
-    seen, skipped = main.skips_over_ranks(mine)
-    Path(out_dir, f"{rank}.json").write_text(json.dumps([seen, dict(sorted(skipped.items()))]))
+    mine = SkipTally(seen=2 + rank, skipped={"missing_image": 1 + rank, **({"bad_text": 1} if rank else {})},
+                     truncated=1 + rank)
+    seen, skipped, truncated = main.skips_over_ranks(mine)
+    Path(out_dir, f"{rank}.json").write_text(json.dumps([seen, dict(sorted(skipped.items())), truncated]))
     torch.distributed.destroy_process_group()
 
 
