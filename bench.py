@@ -168,7 +168,7 @@ def bench_config(argv):
                                "out_dir": str(root / "runs" / tag)})
     if os.environ.get("RANK", "0") == "0":  # the bench's own scratch run: each measurement starts from nothing
         shutil.rmtree(cfg.out_dir, ignore_errors=True)
-    if cfg.phase == "lora" and not cfg.init_from:  # a (random) projector checkpoint to start from
+    if cfg.phase != "projector" and not cfg.init_from:  # a (random) projector checkpoint to start from
         cfg.init_from = str(root / "projector-init")
         checkpoint.save_model(VLM.from_config(VLMConfig.from_dict({**cfg.to_dict(), "phase": "projector", "init_from": ""})),
                               cfg.init_from)

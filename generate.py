@@ -6,8 +6,8 @@
 Prints one `file<TAB>caption` line per image; a folder stands for its image files (IMAGE_SUFFIXES, sorted). A path
 that does not exist stops the run before the model loads; a file that cannot be read as an image is reported on
 stderr, the others are still captioned, and the exit code is 1.
---export merges the LoRA adapters into the LM (in fp32) and writes a checkpoint that needs no adapters (its lm/
-folder is a plain transformers model). It writes a new or empty folder, or replaces a previous export: a folder
+--export merges the LoRA adapters into the LM (in fp32; a full-phase LM is written as it trained) and writes a
+checkpoint that needs no adapters (its lm/ folder is a plain transformers model). It writes a new or empty folder, or replaces a previous export: a folder
 whose config.json names lm_model "lm" and that holds lm/ (what an export writes); any other folder is refused.
 """
 import argparse
@@ -153,9 +153,11 @@ def export(model, out, source=None):
     for tower, (field, folder) in zip(model.vision.towers, TOWER_FOLDERS):
         export_tower(getattr(model.cfg, field), tower, tmp / folder)
         folders[field] = folder
-    # Phase "projector": the projector is the only trainable part left, which is what model.save writes.
+    # Phase "projector": the projector is the only trainable part left (a full-phase LM is now in lm/), which is
+    # what model.save writes.
     model.cfg = dataclasses.replace(model.cfg, phase="projector", init_from="", lora_vision=False, lm_model="lm",
                                     **folders)
+    model.lm.requires_grad_(False)
     checkpoint.save_model(model, tmp)
     if source and (Path(source) / checkpoint.RUN_INFO).is_file():
         shutil.copyfile(Path(source) / checkpoint.RUN_INFO, tmp / checkpoint.RUN_INFO)

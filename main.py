@@ -140,12 +140,13 @@ def build_data(cfg, model, rank, world, data=None):
 
 
 def build_optimizer(cfg, model):
-    """AdamW with one group per (lr, weight decay): projector vs adapters; decay on matrices only."""
-    projector_lr = cfg.projector_lr if cfg.phase == "projector" else cfg.lora_projector_lr  # each phase its own
+    """AdamW with one group per (lr, weight decay): projector vs adapters (full phase: one rate for all); decay on
+    matrices only."""
+    projector_lr = {"projector": cfg.projector_lr, "lora": cfg.lora_projector_lr, "full": cfg.full_lr}[cfg.phase]
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            lr = projector_lr if name.startswith("projector.") else cfg.lora_lr
+            lr = projector_lr if name.startswith("projector.") else cfg.full_lr if cfg.phase == "full" else cfg.lora_lr
             groups.setdefault((lr, cfg.weight_decay if p.ndim >= 2 else 0.0), []).append(p)
     # fused on every device: one kernel for all tensors, and it can skip a step on the device (found_inf)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
@@ -378,7 +379,7 @@ def train_phase(cfg, rank, world, device):
 
 
 def lr_field(cfg):
-    return "projector_lr" if cfg.phase == "projector" else "lora_lr"
+    return {"projector": "projector_lr", "lora": "lora_lr", "full": "full_lr"}[cfg.phase]
 
 
 def new_run_id():

@@ -34,9 +34,9 @@ class VLMConfig:
     projector_hidden_dim: int = 2048
     max_text_tokens: int = 128  # text tokens per sample; image tokens come on top and are never truncated
 
-    # --- phase: "projector" (align, only the projector trains) or "lora" (adapters + projector) ---
+    # --- phase: "projector" (align, only the projector trains), "lora" (adapters + projector), "full" (LM + projector) ---
     phase: str = "projector"
-    init_from: str = ""  # lora phase: checkpoint dir of a projector run to start from
+    init_from: str = ""  # lora and full phases: checkpoint dir of a projector run to start from
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0  # peft's default (LLaVA: 0.05); trained as well in sweep.py, and 1.2x faster (README)
@@ -62,6 +62,7 @@ class VLMConfig:
     projector_lr: float = 1e-3  # phase 1: the projector's learning rate (LLaVA: 1e-3)
     lora_lr: float = 1e-3  # phase 2: the adapters' learning rate (chosen by sweep.py; see the README)
     lora_projector_lr: float = 2e-5  # phase 2: the aligned projector's learning rate (LLaVA: 2e-5)
+    full_lr: float = 2e-5  # phase full: every LM weight and the projector (LLaVA-1.5's fine-tuning: 2e-5)
     weight_decay: float = 0.0  # applied to matrices only, never to biases or norms
     warmup_frac: float = 0.03
     grad_clip: float = 1.0
@@ -90,17 +91,17 @@ class VLMConfig:
         models.vlm.check_shapes, against checkpoints in checkpoint.py.)"""
         def bad(name, why):
             raise ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {why}")
-        if self.phase not in ("projector", "lora"):
-            bad("phase", "must be 'projector' or 'lora'")
-        if self.phase == "lora" and not self.init_from:
-            bad("init_from", "the lora phase starts from a projector checkpoint: pass --init_from DIR "
+        if self.phase not in ("projector", "lora", "full"):
+            bad("phase", "must be 'projector', 'lora' or 'full'")
+        if self.phase in ("lora", "full") and not self.init_from:
+            bad("init_from", f"the {self.phase} phase starts from a projector checkpoint: pass --init_from DIR "
                 "(the out_dir of a --phase projector run)")
         for name in ("lora_r", "lora_alpha", "batch_tokens", "batch_size", "grad_accum", "epochs", "pixel_unshuffle",
                      "projector_hidden_dim", "max_text_tokens", "log_every", "eval_every", "save_every",
                      "keep_last", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
-        for name in ("projector_lr", "lora_lr", "lora_projector_lr"):
+        for name in ("projector_lr", "lora_lr", "lora_projector_lr", "full_lr"):
             if not getattr(self, name) > 0:
                 bad(name, "must be a positive learning rate, e.g. 1e-3")
         for name, lo, hi in (("lora_dropout", 0, 1), ("warmup_frac", 0, 1), ("max_bad_fraction", 0, 1)):

@@ -42,12 +42,11 @@ def check_shapes(cfg: VLMConfig):
             raise ConfigError(f"config field 'vision_feature_layer' = {cfg.vision_feature_layer}: {name} has {depth} "
                               f"layers; use -1 (final output), -2 (penultimate), ... down to {-depth}, or 1 to "
                               f"{depth} counted from the input")
-    if cfg.phase != "lora":
-        return
     with torch.device("meta"):
-        _check_targets("lora_targets", cfg.lora_targets,
-                       AutoModelForCausalLM.from_config(from_hub(AutoConfig, cfg.lm_model)).base_model)
-        if cfg.lora_vision:
+        if cfg.phase == "lora":
+            _check_targets("lora_targets", cfg.lora_targets,
+                           AutoModelForCausalLM.from_config(from_hub(AutoConfig, cfg.lm_model)).base_model)
+        if cfg.phase != "projector" and cfg.lora_vision:
             _check_targets("lora_vision_targets", cfg.lora_vision_targets,
                            nn.ModuleList(tower_class(c)(c) for c in vision_configs))
 
@@ -86,13 +85,13 @@ class VLM(nn.Module):
         self.projector = Projector(vision.hidden_size, lm.config.hidden_size, cfg.projector_hidden_dim,
                                    cfg.pixel_unshuffle)
         self.vision.requires_grad_(False)
-        self.lm.requires_grad_(False)
+        self.lm.requires_grad_(cfg.phase == "full")  # the full phase trains every LM weight
         if cfg.gradient_checkpointing:
             self.enable_gradient_checkpointing()
         if cfg.phase == "lora":
             apply_lora(self.lm.base_model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-            if cfg.lora_vision:
-                apply_lora(self.vision, cfg.lora_vision_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        if cfg.phase in ("lora", "full") and cfg.lora_vision:
+            apply_lora(self.vision, cfg.lora_vision_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         self.train()
 
     @classmethod
@@ -276,6 +275,7 @@ class VLM(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def trainable_state_dict(self):
-        """What a checkpoint holds: the projector and the adapters, fp32 on the CPU."""
+        """What a checkpoint holds: the trained weights (the projector, the adapters; in the full phase the LM too),
+        fp32 on the CPU."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {n: t.detach().float().cpu().contiguous() for n, t in self.state_dict().items() if n in names}

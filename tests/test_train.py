@@ -95,11 +95,11 @@ def test_lora_phase_starts_from_the_projector_checkpoint(tiny_cfg):
     assert all(torch.equal(p, proj["model"].projector.state_dict()[n]) for n, p in model.projector.state_dict().items())
 
 
-def check_resume_is_exact(cfg, on_optimizer_step):
-    """A LoRA run (dropout on) crashes after step 3 of 6 and resumes: the same losses and bitwise the same weights
-    as a run that was never interrupted."""
+def check_resume_is_exact(cfg, on_optimizer_step, phase="lora"):
+    """A phase-2 run (LoRA with dropout on, or the full phase) crashes after step 3 of 6 and resumes: the same
+    losses and bitwise the same weights as a run that was never interrupted."""
     proj = main.train(dataclasses.replace(cfg, max_steps=2, out_dir=cfg.out_dir + "-p"))
-    cfg = dataclasses.replace(cfg, phase="lora", init_from=str(proj["checkpoint"]), lora_dropout=0.2,
+    cfg = dataclasses.replace(cfg, phase=phase, init_from=str(proj["checkpoint"]), lora_dropout=0.2,
                               max_steps=6, save_every=3, grad_accum=2, batch_size=4)
     unbroken = main.train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-unbroken"))
     calls = []
