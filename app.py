@@ -1,5 +1,5 @@
 """A local web page to try a checkpoint: drop or paste an image, edit the prompt and the sampling, watch the caption
-appear token by token.
+appear token by token, or chat about the image (each answer reads the conversation so far).
 
     uv sync --extra app                                   # the page's dependencies (gradio), kept out of the core
     uv run python app.py --checkpoint checkpoints/demo/lora          # then open http://127.0.0.1:7860
@@ -97,32 +97,54 @@ def read_upload(preprocess, payload):
 
 
 # ----------------------------------------------------------------------------- the page
-def caption_stream(model, image, prompt, temperature, top_p, max_new_tokens):
-    """Yields the caption so far, each time the model adds a piece (generation runs in a thread)."""
+def streamed(model, generate):
+    """Yields the reply so far, each time the model adds a piece: generate(streamer) runs in a thread."""
+    streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+    failed = []
+
+    def run():
+        try:
+            generate(streamer)
+        except Exception as e:  # e.g. a prompt longer than the LM's context: said on the page, and the stream ends
+            failed.append(e)
+            streamer.end()
+    Thread(target=run, daemon=True).start()
+    reply = ""
+    for piece in streamer:
+        reply += piece
+        yield reply
+    if failed:  # a fault, not the person's input: the console gets its traceback (chained from the thread's error)
+        raise gr.Error(f"The model could not caption this: {failed[0]}") from failed[0]
+
+
+def pixels_of(model, image):
     if image is None:
         raise message("Drop, paste or pick an image first.")
+    return image_pixels(model.processor, [image], model.cfg.image_fit).to(next(model.parameters()).device)  # [1, 3, H, W]
+
+
+def caption_stream(model, image, prompt, temperature, top_p, max_new_tokens):
+    """Yields the caption so far, as the model writes it."""
+    pixel_values = pixels_of(model, image)
     try:
         check_prompt(prompt)
     except InputError as e:
         raise message(str(e)) from None
-    streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
-    device = next(model.parameters()).device
-    pixel_values = image_pixels(model.processor, [image], model.cfg.image_fit).to(device)  # [1, 3, H, W] uint8
-    failed = []
+    yield from streamed(model, lambda streamer: model.generate(pixel_values, prompt, int(max_new_tokens), temperature,
+                                                               top_p, streamer))
 
-    def generate():
-        try:
-            model.generate(pixel_values, prompt, int(max_new_tokens), temperature, top_p, streamer)
-        except Exception as e:  # e.g. a prompt longer than the LM's context: said on the page, and the stream ends
-            failed.append(e)
-            streamer.end()
-    Thread(target=generate, daemon=True).start()
-    caption = ""
-    for piece in streamer:
-        caption += piece
-        yield caption
-    if failed:  # a fault, not the person's input: the console gets its traceback (chained from the thread's error)
-        raise gr.Error(f"The model could not caption this: {failed[0]}") from failed[0]
+
+def chat_stream(model, image, text, history, temperature, top_p, max_new_tokens):
+    """Yields the conversation about the image (gradio's messages: {"role", "content"}), the new reply growing at
+    its end; the model reads the whole history (VLM.chat)."""
+    pixel_values = pixels_of(model, image)
+    if not text.strip():
+        raise message("Write a question first.")
+    messages = [{"role": m["role"], "content": m["content"]} for m in history or []]
+    messages.append({"role": "user", "content": text})
+    for reply in streamed(model, lambda streamer: model.chat(pixel_values, messages, int(max_new_tokens), temperature,
+                                                             top_p, streamer)):
+        yield messages + [{"role": "assistant", "content": reply}]
 
 
 def build_page(model, examples_dir):
@@ -139,6 +161,14 @@ def build_page(model, examples_dir):
                 max_new_tokens = gr.Slider(1, 256, 32, step=1, label="max new tokens")
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
             caption = gr.Textbox(label="caption", lines=6, elem_id="caption")
+        gr.Markdown("**Chat** about the same image: each answer reads the conversation so far.")
+        chat = gr.Chatbot(label="chat", elem_id="chat")
+        with gr.Row():
+            question = gr.Textbox(label="question", placeholder="What colour is it?", scale=4, elem_id="question")
+            ask = gr.Button("Ask", elem_id="ask-button")
+            gr.ClearButton([chat, question], value="New chat")
+        ask.click(partial(chat_stream, model), [image, question, chat, temperature, top_p, max_new_tokens], chat,
+                  api_name="chat")
         samples = sorted(p for p in Path(examples_dir).glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if samples:
             gr.Examples([[str(p)] for p in samples], inputs=[image], label="held-out images of the demo")

@@ -174,3 +174,16 @@ def test_a_browser_uploads_an_image_and_reads_the_caption(browser, page_url, tin
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#image input[type=file]")).send_keys(str(not_an_image))
     browser.find_element(By.ID, "caption-button").click()  # the server reads the upload when asked to caption
     wait.until(lambda d: "This file is not an image" in d.find_element(By.TAG_NAME, "body").text)
+
+
+def test_the_chat_keeps_the_conversation_and_streams_what_chat_answers(tiny_checkpoint, red_square):
+    model = checkpoint.load_model(tiny_checkpoint)
+    image = app.read_image(red_square)
+    history = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "a red square ."}]
+    stream = list(app.chat_stream(model, image, "Where is it?", history, 0.0, 1.0, 8))
+    last = stream[-1]
+    assert last[:2] == history and last[2] == {"role": "user", "content": "Where is it?"}
+    expected = model.chat(image_pixels(model.processor, [image]), last[:3], max_new_tokens=8)
+    assert last[3]["role"] == "assistant" and last[3]["content"].strip() == expected
+    with pytest.raises(gr.Error, match="Write a question"):
+        list(app.chat_stream(model, image, " ", history, 0.0, 1.0, 8))
