@@ -24,6 +24,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Score a tinyvlm checkpoint's captions: CIDEr, BLEU-4, ROUGE-L, exact match.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run's out_dir (its newest step)")
     p.add_argument("--data_dir", required=True, help="LLaVA-format data: chat.json with images.zip or images/")
+    p.add_argument("--chat_json", default="", help="a LLaVA json to score instead of data_dir/chat.json (e.g. "
+                   "llava_v1_5_mix665k.json); its image paths are relative to --data_dir")
     p.add_argument("--split", choices=("auto", "val", "all"), default="auto",
                    help="val: the records the checkpoint's run held out; all: every record; auto: val on the "
                         "checkpoint's training data, all on other data")
@@ -35,8 +37,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not Path(args.checkpoint).expanduser().exists():
         p.error(f"--checkpoint {args.checkpoint}: no such directory (a checkpoint, or a run's out_dir)")
-    if not (Path(args.data_dir).expanduser() / "chat.json").is_file():
-        p.error(f"--data_dir {args.data_dir}: no chat.json there; point it at a LLaVA-format data folder")
+    if args.chat_json and not Path(args.chat_json).expanduser().is_file():
+        p.error(f"--chat_json {args.chat_json}: no such file")
+    if not args.chat_json and not (Path(args.data_dir).expanduser() / "chat.json").is_file():
+        p.error(f"--data_dir {args.data_dir}: no chat.json there; point it at a LLaVA-format data folder (or name the "
+                "json with --chat_json)")
     if args.batch_size < 1 or args.limit < 0 or args.num_workers < 0:
         p.error("need --batch_size >= 1, --limit >= 0 and --num_workers >= 0")
     return args
@@ -71,10 +76,10 @@ class EvalData(NamedTuple):
     why: str          # the split chosen, and why, for the user
 
 
-def open_data(path, data_dir, requested):
-    """The records to score, checked before the model loads: a data mistake (a truncated chat.json or zip, the
-    wrong split for this data) is said in a second, not after the model has loaded."""
-    chat_json = Path(data_dir).expanduser() / "chat.json"
+def open_data(path, data_dir, requested, chat_json=""):
+    """The records to score (of chat_json, or data_dir/chat.json), checked before the model loads: a data mistake (a
+    truncated json or zip, the wrong split for this data) is said in a second, not after the model has loaded."""
+    chat_json = Path(chat_json).expanduser() if chat_json else Path(data_dir).expanduser() / "chat.json"
     records = load_records(chat_json)
     identity = data_identity(chat_json, len(records))
     split, own, why = pick_split(requested, identity, checkpoint.run_info(path).get("data", {}), path)
@@ -84,7 +89,7 @@ def open_data(path, data_dir, requested):
             raise ConfigError(f"--split val: the run of {path} held out no records (val_size 0); use --split all")
     else:
         indices = list(range(len(records)))
-    return EvalData(records, indices, ImageStore(chat_json.parent), identity, split, own, why)
+    return EvalData(records, indices, ImageStore(Path(data_dir).expanduser()), identity, split, own, why)
 
 
 def pick_split(requested, identity, trained_on, path):
@@ -137,7 +142,7 @@ def main(argv):
     device = torch.device("cuda" if cuda else "cpu")
     try:
         path = checkpoint.resolve(args.checkpoint)
-        data = open_data(path, args.data_dir, args.split)
+        data = open_data(path, args.data_dir, args.split, args.chat_json)
         print(f"split {data.split}{' (auto)' if args.split == 'auto' else ''}: {data.why}", flush=True)
         model = checkpoint.load_model(path).place(device)
         dataset = LlavaDataset(data.records, data.indices, data.images, model.tokenizer, model.processor,

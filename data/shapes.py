@@ -6,6 +6,7 @@ the real data path.
 import io
 import json
 import random
+import re
 import zipfile
 from pathlib import Path
 
@@ -72,6 +73,49 @@ def make_shapes_dataset(out_dir, n=2000, seed=0, size=64, jitter=0.0):
 
 
 def corpus():
-    """Every word the data set can say, for the demo tokenizer."""
+    """Every word the data set (and its instruction set) can say, for the demo tokenizer."""
     captions = [caption(c, s, p) for c in COLORS for s in SHAPES for p in PLACES]
-    return captions + list(INSTRUCTIONS) + ["<image>"]
+    questions = [q for q, _ in QUESTIONS.values()] + [f"Is the shape {c}?" for c in COLORS] + ["yes", "no", "1"]
+    return captions + list(INSTRUCTIONS) + questions + [q + " " + a for q, a in TEXT_ONLY] + ["<image>"]
+
+
+# --- an instruction set over the same images: short answers, as VQA data has them (demo.py --instruct) ---
+QUESTIONS = {"colour": ("What colour is the shape?", lambda c, s, p: c),
+             "shape": ("What shape is it?", lambda c, s, p: s),
+             "place": ("Where is the shape?", lambda c, s, p: p),
+             "count": ("How many shapes are there?", lambda c, s, p: "1")}
+TEXT_ONLY = [("What colour is a ripe banana?", "yellow"), ("What colour is grass?", "green"),
+             ("What colour is the clear sky?", "blue"), ("What colour is snow?", "white"),
+             ("What colour is a ripe tomato?", "red"), ("What colour is a plum?", "purple")]
+CAPTION = re.compile(r"a (\w+) (\w+) at the (.+) \.")
+
+
+def question_turns(color, shape, place, rng):
+    """One or two question/answer pairs about a picture: colour, shape, place, count, or a yes/no question."""
+    def one():
+        kind = rng.choice([*QUESTIONS, "yes_no"])
+        if kind == "yes_no":
+            asked = color if rng.random() < 0.5 else rng.choice([c for c in COLORS if c != color])
+            return f"Is the shape {asked}?", "yes" if asked == color else "no"
+        question, answer = QUESTIONS[kind]
+        return question, answer(color, shape, place)
+    return [one() for _ in range(2 if rng.random() < 0.3 else 1)]
+
+
+def make_shapes_instruct(data_dir, seed=1):
+    """data_dir/instruct.json: an instruction record per image of data_dir/chat.json (its caption says what the
+    picture holds), 30% of them multi-turn, and 5% text-only records; returns its path."""
+    rng = random.Random(seed)
+    records = []
+    for r in json.loads((Path(data_dir) / "chat.json").read_text()):
+        color, shape, place = CAPTION.fullmatch(r["conversations"][1]["value"]).groups()
+        turns = question_turns(color, shape, place, rng)
+        if rng.random() < 0.05:
+            turns, image = [rng.choice(TEXT_ONLY)], None
+        else:
+            turns[0], image = (f"<image>\n{turns[0][0]}", turns[0][1]), r["image"]
+        convo = [t for q, a in turns for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+        records.append({"id": r["id"], **({"image": image} if image else {}), "conversations": convo})
+    path = Path(data_dir) / "instruct.json"
+    path.write_text(json.dumps(records))
+    return path

@@ -133,3 +133,26 @@ def test_skipped_records_are_counted_with_their_reasons(tiny_cfg, trained_on, tm
     assert written["n"] == 4 and written["skipped"] == 3
     assert written["skipped_reasons"] == {"missing_image": 2, "text_only": 1}
     assert "4 records scored, 3 skipped: missing_image 2, text_only 1" in printed
+
+
+def test_an_instruction_json_is_scored_with_each_records_question(trained_on, tmp_path, capsys):
+    """--chat_json names a json beside the images (mix665k's layout): multi-turn records are asked their last
+    question, with the turns before it, and scored against their last reply; text-only ones are counted apart."""
+    from test_instruct_data import image_record, text_record
+    from data.shapes import draw
+    images = tmp_path / "playground"
+    records = [image_record(i, "red", "circle", "center") for i in (0, 2)] + [text_record(1)]
+    for r in records[:2]:
+        (images / r["image"]).parent.mkdir(parents=True, exist_ok=True)
+        draw("red", "circle", "center").save(images / r["image"])
+    (tmp_path / "mix.json").write_text(json.dumps(records))
+    out = tmp_path / "eval.json"
+    evaluation.main(["--checkpoint", str(trained_on), "--data_dir", str(images), "--chat_json",
+                     str(tmp_path / "mix.json"), "--num_workers", "0", "--device", "cpu", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["split"] == "all" and written["n"] == 2 and written["skipped_reasons"] == {"text_only": 1}
+    for p in written["predictions"]:
+        assert p["reference"] == "at the center ."
+        assert "What is in this picture?" in p["prompt"] and "a red circle ." in p["prompt"]
+        assert p["prompt"].rstrip().splitlines()[-2].strip() == "Where is it?"
+    assert {"vqa_exact_match", "yes_no_accuracy"} <= set(written["metrics"])
