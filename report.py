@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from data.llava import ignore_stop_signals, start_workers
 from metrics import answer_scores, caption_scores
+from models.prompt import trained_turns
 
 
 def printable(text):
@@ -72,10 +73,7 @@ def scored_turn(tokenizer, item):
     """(prompt ids, reference text) of a data set item's last assistant reply: the prompt is everything before the
     reply (the conversation so far and the assistant header), the reference the reply's text."""
     labels = item["labels"].tolist()
-    end = max(i for i, label in enumerate(labels) if label >= 0) + 1
-    start = end - 1
-    while start > 0 and labels[start - 1] >= 0:
-        start -= 1
+    start, end = trained_turns(labels)[-1]
     return item["input_ids"][:start].tolist(), tokenizer.decode(labels[start:end], skip_special_tokens=True).strip()
 
 

@@ -198,7 +198,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             messages = checked_messages(record.get("conversations"))
             input_ids, labels = encode(self.tokenizer, messages, self.n_image_tokens, self.max_text_tokens,
                                        has_image="image" in record)
-            cut = sum(m["role"] == "assistant" for m in messages) > trained_turns(labels)  # longer than max_text_tokens
+            cut = sum(m["role"] == "assistant" for m in messages) > len(trained_turns(labels))  # over max_text_tokens
             sample = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "id": record_id,
                       "truncated": cut}
             if "image" in record:

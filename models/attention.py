@@ -9,7 +9,8 @@ to the tokens before it in its own sample only; position ids restart at 0 per sa
         no mask in memory, no work across samples
     elsewhere (the CPU, fp32): causal SDPA over each sample in turn: the same numbers, slower
 
-Without cu_seqlens (generation: one unpadded prompt per row, or rows of equal prompts) it is plain causal SDPA. The
+Without cu_seqlens (a hand-built batch of rows) it is plain causal SDPA; generation switches the LM to transformers'
+own SDPA, which reads its padding mask (VLM.generate_from_ids). The
 registered name also keeps transformers from building a mask of its own: for an unmasked batch it would read the GPU
 to look for packed sequences, which makes the host wait every forward.
 """
@@ -17,7 +18,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-try:  # torch >= 2.10 (the GPU path); without it the dense mask serves everywhere
+try:  # torch >= 2.10 (the GPU path); without it, the per-sample SDPA below serves everywhere
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:
     varlen_attn = None

@@ -16,6 +16,8 @@ own end-of-text token, the one token a base LM already knows how to emit:
     a red circle at the center .<eos>
 
 """
+from itertools import groupby
+
 IMAGE_TOKEN = "<image>"  # LLaVA's marker; added to the tokenizer as one special token
 DEFAULT_PROMPT = "<image>\nProvide a brief description of the given image."
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -149,9 +151,15 @@ def kept_tokens(n, turn_ends, max_text_tokens, has_image):
 
 
 def trained_turns(labels):
-    """How many assistant turns a sample's labels train (runs of labelled positions): fewer than the conversation's
-    assistant turns when `encode` cut it."""
-    return sum(1 for i, label in enumerate(labels) if label != IGNORE and (i == 0 or labels[i - 1] == IGNORE))
+    """The assistant turns a sample's labels train, as (start, end) spans of labelled positions (a list of ids):
+    fewer than the conversation's assistant turns when `encode` cut it."""
+    spans, at = [], 0
+    for trained, run in groupby(labels, key=lambda label: label != IGNORE):
+        n = len(list(run))
+        if trained:
+            spans.append((at, at + n))
+        at += n
+    return spans
 
 
 def encoded_length(tokenizer, messages, n_image_tokens, max_text_tokens=None, has_image=True):
