@@ -4,7 +4,7 @@
 # projector row on the cache it left (the warm start). The generate rows time captioning alone (after 12 steps).
 set -u
 logs=$PWD/checkpoints/bench/logs; mkdir -p "$logs"  # absolute: Inductor runs its C++ compiler from elsewhere
-rows=${*:-projector projector_warm dirty instruct accum2 eager eager_ckpt tokens196 lora lora_vision tokens32k phi2 phi2_ckpt phi3 phi3_ckpt
+rows=${*:-projector projector_warm dirty instruct accum2 eager eager_ckpt tokens196 lora lora_vision full tokens32k phi2 phi2_ckpt phi3 phi3_ckpt phi3_full_ckpt
   phi2_projector phi2_projector_ckpt
   generate generate_tokens196 generate_lora generate_lora_vision}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -31,11 +31,13 @@ for row in $rows; do
     tokens196)      run "$row" "$(fresh "$row")" --pixel_unshuffle 1 --max_steps 100 --generate false ;;
     lora)           run "$row" "$(fresh "$row")" --phase lora --max_steps 100 --generate false ;;
     lora_vision)    run "$row" "$(fresh "$row")" --phase lora --lora_vision true --max_steps 100 --generate false ;;
+    full)           run "$row" "$(fresh "$row")" --phase full --max_steps 100 --generate false ;;  # the LM's every weight
     tokens32k)      run "$row" "$(fresh "$row")" --batch_tokens 32768 --batch_size 512 --max_steps 60 --generate false ;;
     phi2)           run "$row" "$(fresh "$row")" --size clip-l-336+phi-2 "${big[@]}" ;;
     phi2_ckpt)      run "$row" "$(fresh "$row")" --size clip-l-336+phi-2 "${big[@]}" --gradient_checkpointing true ;;
     phi3)           run "$row" "$(fresh "$row")" --size clip-l-336+phi-3-mini "${big[@]}" ;;
     phi3_ckpt)      run "$row" "$(fresh "$row")" --size clip-l-336+phi-3-mini "${big[@]}" --gradient_checkpointing true ;;
+    phi3_full_ckpt) run "$row" "$(fresh "$row")" --size clip-l-336+phi-3-mini --phase full "${bigp[@]}" --gradient_checkpointing true ;;
     phi2_projector)      run "$row" "$(fresh "$row")" --size clip-l-336+phi-2 "${bigp[@]}" ;;  # phase 1: the LM frozen
     phi2_projector_ckpt) run "$row" "$(fresh "$row")" --size clip-l-336+phi-2 "${bigp[@]}" --gradient_checkpointing true ;;
     generate)             run "$row" "$(fresh "$row")" "${gen[@]}" ;;

@@ -37,7 +37,7 @@ import checkpoint  # noqa: E402
 from data.download import DataError, ensure_dataset  # noqa: E402
 from data.llava import (ImageStore, LlavaDataset, SkipTally, data_identity, ignore_stop_signals,  # noqa: E402
                         load_records, split_indices, start_workers, steps_of_micro_batches)
-from data.packing import MODEL_INPUTS, Packer, PackedBatchSampler, n_image_shapes, plan_micro_batches, sample_lengths  # noqa: E402
+from data.packing import MODEL_INPUTS, Packer, PackedBatchSampler, plan_micro_batches, sample_lengths  # noqa: E402
 from models.vision import n_image_tokens  # noqa: E402
 from models.vlm import VLM, check_shapes, load_tokenizer  # noqa: E402
 from metrics import score_line  # noqa: E402
@@ -259,7 +259,7 @@ def train_phase(cfg, rank, world, device):
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
     forward = ddp or model
     if cfg.compile and device.type == "cuda":
-        model.compile_blocks(n_image_shapes(cfg.batch_size), cuda_graphs=cfg.cuda_graphs and ddp is None)
+        model.compile_blocks(cuda_graphs=cfg.cuda_graphs and ddp is None)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # fixed gradient buffers, zeroed after each step: a CUDA-graphed backward writes its outputs

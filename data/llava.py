@@ -7,9 +7,11 @@ Everything slow (JSON parsing, tokenizing, JPEG decoding, resizing) happens in _
 DataLoader worker processes. A record that cannot be used comes back as {"skip": reason} and is
 dropped (and counted) by the collator (data/packing.py), so one bad JPEG never ends a run.
 """
+import atexit
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import signal
 import zipfile
@@ -84,9 +86,21 @@ def start_workers(loader):
     ignore_stop_signals ran would kill it. This process gets it right after."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        return iter(loader)
+        workers = iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    atexit.unregister(kill_workers)  # (re)registered after multiprocessing's own exit hook, so it runs before it
+    atexit.register(kill_workers)
+    return workers
+
+
+def kill_workers():
+    """At exit, multiprocessing ends the daemonic children (the data workers) with SIGTERM, then waits for them,
+    and the workers ignore SIGTERM: a loader iterator still alive at exit (training's, once torch.compile ran on
+    a GPU) made the process wait forever after its work was done. SIGKILL them first."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
 
 
 class ImageStore:

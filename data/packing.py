@@ -5,7 +5,8 @@ taken in order until the next one would not fit (plan_micro_batches). The LM alw
 is only the gap at the row's end (one sample at most) and the holes of records that turned out unusable. Each sample
 keeps to itself: attention stays inside it (models/attention.py), its position ids restart at 0, and no label
 crosses into the next sample. The vision tower sees the micro-batch's images padded with blank ones to a multiple of
-IMAGE_MULTIPLE: a few shapes, each compiled once, however many records are text-only or unusable.
+IMAGE_MULTIPLE: a few image counts, however many records are text-only or unusable; the tower is compiled once for
+all of them (its batch dimension is dynamic) and records one CUDA graph per count.
 
 Planning needs every record's length before any image is read: sample_lengths tokenizes the text of each record
 once, in the DataLoader's worker processes (LlavaDataset.length).
@@ -19,7 +20,7 @@ from data.llava import ignore_stop_signals, start_workers
 from models.prompt import IGNORE, label_positions
 
 MODEL_INPUTS = ("input_ids", "labels", "position_ids", "cu_seqlens", "pixel_values", "label_index")  # VLM.forward's
-IMAGE_MULTIPLE = 16  # images per micro-batch are padded up to a multiple of this: few shapes, little blank work
+IMAGE_MULTIPLE = 16  # images per micro-batch are padded up to a multiple of this: few CUDA graphs, little blank work
 
 
 def image_slots(n_images, batch_size):
@@ -27,11 +28,6 @@ def image_slots(n_images, batch_size):
     of IMAGE_MULTIPLE (of batch_size when smaller), at least one multiple, never above the most a micro-batch holds."""
     m = min(IMAGE_MULTIPLE, batch_size)
     return min(max(m, -(-n_images // m) * m), max(batch_size, m))
-
-
-def n_image_shapes(batch_size):
-    """How many image counts the vision tower can meet: what compile_blocks budgets recompiles for."""
-    return len({image_slots(n, batch_size) for n in range(batch_size + 1)})
 
 
 def plan_micro_batches(order, lengths, batch_size, batch_tokens):

@@ -141,25 +141,27 @@ class VLM(nn.Module):
             for tower in self.vision.towers:
                 tower.gradient_checkpointing_enable(**kw)
 
-    def compile_blocks(self, n_image_shapes, cuda_graphs=True):
-        """torch.compile the vision tower(s), the projector and each LM layer, for static shapes, each replayed as a
-        CUDA graph: one launch instead of dozens of kernels, which bounds this small model.
+    def compile_blocks(self, cuda_graphs=True):
+        """torch.compile the vision tower(s), the projector and each LM layer, each replayed as a CUDA graph: one
+        launch instead of dozens of kernels, which bounds this small model.
         Each LM layer is compiled, not the whole LM: the layers share one compiled graph, so a cold start compiles
         a few small graphs (with SmolLM2 as one graph, a cold start took 92-105 s on an H100 instead of 43-75,
         and ran 1.05x faster at best, where the host was slow). The tower runs as one graph: 12 fewer graph
         launches for the host to queue (25 instead of 33 ms a step; 3,064 instead of 2,997 samples/s on one
-        H100). Packing (data/packing.py) gives the LM one shape whatever the records; the tower and projector meet
-        a few image counts (n_image_shapes at most), each compiled once. Past torch's recompile limit (8) a block
-        would quietly fall back to eager, so the limit is raised to cover them. Validation and generation run eager."""
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_image_shapes + 1)
+        H100). Packing (data/packing.py) gives the LM one static shape whatever the records. The tower and projector
+        meet a few image counts: their batch dimension is compiled dynamic (encode_images marks it), so a new
+        count records a CUDA graph (milliseconds) instead of compiling again (an 11.5 s step mid-run on an H200,
+        when a micro-batch first held 176 images). Validation and generation run eager."""
         if self.cfg.gradient_checkpointing and self.cfg.phase == "projector":
             # the frozen LM's layers recompute in the backward: CUDA graph trees fail to record that ("an input tensor
             # deallocate during graph recording", torch 2.11); plain compile gives eager's gradients (H200, one step
             # at batch 128: 6.6 GiB instead of 11.9, 97 instead of 56 ms)
             cuda_graphs = False
         mode = "reduce-overhead" if cuda_graphs else "default"
-        for block in [self.vision, self.projector, *self.lm.base_model.layers]:
-            block.compile(dynamic=False, mode=mode)
+        for block in [self.vision, self.projector]:
+            block.compile(dynamic=None, mode=mode)  # None: marked dims dynamic, the rest static
+        for layer in self.lm.base_model.layers:
+            layer.compile(dynamic=False, mode=mode)
 
     # --- forward ---
     def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8, B may be 0
@@ -167,8 +169,10 @@ class VLM(nn.Module):
         tower and projector still run on it, so every trainable weight gets a (zero) gradient, as DDP needs."""
         if len(pixel_values) == 0:  # the tower's reshapes need a batch
             pixel_values = pixel_values.new_zeros(1, *pixel_values.shape[1:])
+        torch._dynamo.maybe_mark_dynamic(pixel_values, 0)  # one compiled graph for every image count
         with torch.set_grad_enabled(self.cfg.lora_vision and torch.is_grad_enabled()):
             feats = self.vision(pixel_values)                   # [B, N, Dv]
+        torch._dynamo.maybe_mark_dynamic(feats, 0)
         return self.projector(feats)
 
     def embed(self, input_ids, pixel_values):

@@ -14,7 +14,6 @@ import main
 from test_instruct_data import instruct  # noqa: F401 (a fixture)
 from test_robustness import on_projector_forward, spy_optimizer_steps
 from test_train import check_resume_is_exact
-from data.packing import n_image_shapes
 from models.lora import lora_layers
 from models.vlm import VLM
 
@@ -46,7 +45,7 @@ def test_compiled_is_close_to_eager(cuda_cfg, tiny_batch):
     model = VLM.from_config(cuda_cfg).cuda().eval()
     batch = tiny_batch(model, packed=True)
     eager = loss_of(model, batch, torch.bfloat16)
-    model.compile_blocks(n_image_shapes(8))
+    model.compile_blocks()
     compiled = [float(loss_of(model, batch, torch.bfloat16)) for _ in range(3)]  # recorded, then replayed
     eager = float(eager)
     for loss in compiled:
@@ -126,7 +125,7 @@ def one_step(cfg, tiny_batch, compiled, prepare=lambda model: None):
     model = VLM.from_config(cfg).cuda().train()
     prepare(model)
     if compiled:
-        model.compile_blocks(n_image_shapes(8))
+        model.compile_blocks()
     loss = loss_of(model, tiny_batch(model))  # fp32 rows: the blocks' numbers, without bf16's rounding
     loss.backward()
     return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -178,3 +177,24 @@ def test_unusable_and_text_only_records_add_no_compiled_graph(cuda_cfg, instruct
     dirty = graphs(out_dir=str(tmp_path / "dirty"), chat_json=str(tmp_path / "dirty.json"),
                    data_dir=instruct["data_dir"], val_size=4)
     assert 0 < dirty <= clean, (dirty, clean)
+
+
+def test_a_new_image_count_compiles_nothing(cuda_cfg):
+    """The tower and projector are compiled once for every image count (their batch dimension is dynamic): a
+    micro-batch that first holds 32 or 48 images records a CUDA graph; it does not stop for seconds to compile
+    (it did, mid-run, before), and the features match eager."""
+    model = VLM.from_config(cuda_cfg).cuda().eval()
+    eager = VLM.from_config(cuda_cfg).cuda().eval()
+    eager.load_state_dict(model.state_dict())
+    model.compile_blocks()
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for n in (16, 32, 48, 16):
+        pixels = torch.randint(0, 256, (n, *model.vision.pixel_shape), dtype=torch.uint8, device="cuda")
+        torch.compiler.cudagraph_mark_step_begin()  # as forward does
+        with torch.no_grad():
+            torch.testing.assert_close(model.encode_images(pixels).clone(), eager.encode_images(pixels),
+                                       rtol=1e-4, atol=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs == graphs[:1] * 4, graphs

@@ -12,7 +12,7 @@ import torch
 import main
 from conftest import REPO, cli_args, model_inputs, packer
 from data.llava import ImageStore, LlavaDataset, load_records
-from data.packing import image_slots, n_image_shapes
+from data.packing import image_slots
 from data.shapes import draw
 from models.config import VLMConfig
 from models.prompt import IGNORE, SampleError, encode
@@ -168,7 +168,7 @@ def test_compiled_blocks_on_cuda_train_on_mixed_and_image_free_batches(tiny_cfg,
     eager = VLM.from_config(cfg).cuda().eval()
     compiled = VLM.from_config(cfg).cuda().eval()
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_blocks(n_image_shapes(8))
+    compiled.compile_blocks()
     collate = packer(eager)
     for indices in ([1, 3], [0, 1, 3], [0, 2]):  # no image, one of three, two of two
         batch = collate(samples(eager, instruct, indices))

@@ -8,7 +8,7 @@ import torch
 
 from conftest import model_inputs, packer
 from data.llava import ImageStore, LlavaDataset, load_records
-from data.packing import image_slots, n_image_shapes, plan_micro_batches
+from data.packing import image_slots, plan_micro_batches
 from data.shapes import draw
 from models.config import VLMConfig
 from models.lora import lora_layers
@@ -142,7 +142,6 @@ def test_a_micro_batch_that_does_not_fit_is_refused(model):
 def test_image_slots_are_few_shapes():
     assert [image_slots(n, 256) for n in (0, 1, 16, 17, 150, 256)] == [16, 16, 16, 32, 160, 256]
     assert [image_slots(n, 4) for n in (0, 3, 4)] == [4, 4, 4]
-    assert n_image_shapes(256) == 16 and n_image_shapes(8) == 1
 
 
 def test_planned_micro_batches_keep_both_budgets_and_the_order():

@@ -666,6 +666,17 @@ def test_sigterm_to_the_whole_process_group_still_saves_then_resumes_exactly(tin
     run_to_completion(cfg, tmp_path / "last.txt", expected)
 
 
+def test_a_process_exits_with_a_data_loader_still_alive():
+    """The data workers ignore SIGTERM (the test above), which is how multiprocessing ends them at exit: a loader
+    iterator still alive then (the GPU machine kept training's alive) made the finished process wait forever."""
+    script = ("import torch; from torch.utils.data import DataLoader; from data.llava import ignore_stop_signals, "
+              "start_workers\n"
+              "loader = DataLoader(range(100), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals)\n"
+              "alive = start_workers(loader); next(alive); print('done', flush=True)\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "done" in run.stdout, run.stderr
+
+
 def test_a_second_ctrl_c_stops_at_once(capsys):
     handler = signal.getsignal(signal.SIGINT)
     with main.StopRequest() as stop:
