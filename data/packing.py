@@ -149,3 +149,7 @@ def sample_lengths(dataset, num_workers):
     loader = DataLoader(_Lengths(dataset), batch_size=1024, num_workers=num_workers, collate_fn=list,
                         worker_init_fn=ignore_stop_signals)
     return [n for chunk in start_workers(loader) for n in chunk]
+
+
+def to_device(batch, device):
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}

@@ -132,8 +132,8 @@ class VLM(nn.Module):
 
     def enable_gradient_checkpointing(self):
         """Keep only each layer's input and recompute the rest in the backward pass. Non-reentrant checkpoints
-        give gradients to LoRA adapters and to the image features under a frozen LM, also inside compile_blocks'
-        compiled layers (tests/test_gpu.py)."""
+        give gradients to LoRA adapters and to the image features under a frozen LM, also inside the compiled
+        layers (tests/test_gpu.py)."""
         # The name transformers 5.17 knows too (5.23 renames it activation_checkpointing_enable and warns)
         kw = dict(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lm.gradient_checkpointing_enable(**kw)
@@ -141,35 +141,13 @@ class VLM(nn.Module):
             for tower in self.vision.towers:
                 tower.gradient_checkpointing_enable(**kw)
 
-    def compile_blocks(self, cuda_graphs=True):
-        """torch.compile the vision tower(s), the projector and each LM layer, each replayed as a CUDA graph: one
-        launch instead of dozens of kernels, which bounds this small model.
-        Each LM layer is compiled, not the whole LM: the layers share one compiled graph, so a cold start compiles
-        a few small graphs (with SmolLM2 as one graph, a cold start took 92-105 s on an H100 instead of 43-75,
-        and ran 1.05x faster at best, where the host was slow). The tower runs as one graph: 12 fewer graph
-        launches for the host to queue (25 instead of 33 ms a step; 3,064 instead of 2,997 samples/s on one
-        H100). Packing (data/packing.py) gives the LM one static shape whatever the records. The tower and projector
-        meet a few image counts: their batch dimension is compiled dynamic (encode_images marks it), so a new
-        count records a CUDA graph (milliseconds) instead of compiling again (an 11.5 s step mid-run on an H200,
-        when a micro-batch first held 176 images). Validation and generation run eager."""
-        if self.cfg.gradient_checkpointing and self.cfg.phase == "projector":
-            # the frozen LM's layers recompute in the backward: CUDA graph trees fail to record that ("an input tensor
-            # deallocate during graph recording", torch 2.11); plain compile gives eager's gradients (H200, one step
-            # at batch 128: 6.6 GiB instead of 11.9, 97 instead of 56 ms)
-            cuda_graphs = False
-        mode = "reduce-overhead" if cuda_graphs else "default"
-        for block in [self.vision, self.projector]:
-            block.compile(dynamic=None, mode=mode)  # None: marked dims dynamic, the rest static
-        for layer in self.lm.base_model.layers:
-            layer.compile(dynamic=False, mode=mode)
-
     # --- forward ---
     def encode_images(self, pixel_values):                      # [B, 3, H, W] uint8, B may be 0
         """[B, n_image_tokens, D]; for B = 0, the features of one blank image that embed places nowhere. The
         tower and projector still run on it, so every trainable weight gets a (zero) gradient, as DDP needs."""
         if len(pixel_values) == 0:  # the tower's reshapes need a batch
             pixel_values = pixel_values.new_zeros(1, *pixel_values.shape[1:])
-        torch._dynamo.maybe_mark_dynamic(pixel_values, 0)  # one compiled graph for every image count
+        torch._dynamo.maybe_mark_dynamic(pixel_values, 0)  # one compiled graph for every image count (training/speed.py)
         with torch.set_grad_enabled(self.cfg.lora_vision and torch.is_grad_enabled()):
             feats = self.vision(pixel_values)                   # [B, N, Dv]
         torch._dynamo.maybe_mark_dynamic(feats, 0)
@@ -206,7 +184,7 @@ class VLM(nn.Module):
         inside a sample (models/attention.py). Without cu_seqlens, input_ids [B, T] are rows of causal attention
         (generation, or hand-built batches: right padding is never looked at). label_index: the flat positions whose
         next token is trained (models.prompt.label_positions), from the collator.
-        Under compile_blocks' CUDA graphs, each forward starts a new step: the graphs may reuse the memory of the
+        Under CUDA graphs (training/speed.py), each forward starts a new step: the graphs may reuse the memory of the
         previous forward's activations, so its backward must have run (or its outputs been read) by then."""
         torch.compiler.cudagraph_mark_step_begin()
         embeds = self.embed(input_ids, pixel_values)

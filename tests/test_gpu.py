@@ -16,6 +16,7 @@ from test_robustness import on_projector_forward, spy_optimizer_steps
 from test_train import check_resume_is_exact
 from models.lora import lora_layers
 from models.vlm import VLM
+from training import speed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -45,7 +46,7 @@ def test_compiled_is_close_to_eager(cuda_cfg, tiny_batch):
     model = VLM.from_config(cuda_cfg).cuda().eval()
     batch = tiny_batch(model, packed=True)
     eager = loss_of(model, batch, torch.bfloat16)
-    model.compile_blocks()
+    speed.compile_blocks(model)
     compiled = [float(loss_of(model, batch, torch.bfloat16)) for _ in range(3)]  # recorded, then replayed
     eager = float(eager)
     for loss in compiled:
@@ -125,7 +126,7 @@ def one_step(cfg, tiny_batch, compiled, prepare=lambda model: None):
     model = VLM.from_config(cfg).cuda().train()
     prepare(model)
     if compiled:
-        model.compile_blocks()
+        speed.compile_blocks(model)
     loss = loss_of(model, tiny_batch(model))  # fp32 rows: the blocks' numbers, without bf16's rounding
     loss.backward()
     return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -186,7 +187,7 @@ def test_a_new_image_count_compiles_nothing(cuda_cfg):
     model = VLM.from_config(cuda_cfg).cuda().eval()
     eager = VLM.from_config(cuda_cfg).cuda().eval()
     eager.load_state_dict(model.state_dict())
-    model.compile_blocks()
+    speed.compile_blocks(model)
     torch._dynamo.reset()
     counters.clear()
     graphs = []

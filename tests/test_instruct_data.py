@@ -17,6 +17,7 @@ from data.shapes import draw
 from models.config import VLMConfig
 from models.prompt import IGNORE, SampleError, encode
 from models.vlm import VLM
+from training import speed
 
 QUESTIONS = [("What color is a ripe banana?", "yellow ."), ("And grass?", "green .")]
 
@@ -168,7 +169,7 @@ def test_compiled_blocks_on_cuda_train_on_mixed_and_image_free_batches(tiny_cfg,
     eager = VLM.from_config(cfg).cuda().eval()
     compiled = VLM.from_config(cfg).cuda().eval()
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_blocks()
+    speed.compile_blocks(compiled)
     collate = packer(eager)
     for indices in ([1, 3], [0, 1, 3], [0, 2]):  # no image, one of three, two of two
         batch = collate(samples(eager, instruct, indices))

@@ -1,0 +1,55 @@
+"""From the config to this rank's data loaders: the records, their split, every record's length (packing plans
+with them, before the model loads), then the loaders of packed micro-batches."""
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from data.download import ensure_dataset
+from data.llava import ImageStore, LlavaDataset, data_identity, ignore_stop_signals, load_records, split_indices
+from data.packing import Packer, PackedBatchSampler, plan_micro_batches, sample_lengths
+from models.config import ConfigError
+from models.vision import n_image_tokens
+
+
+def open_data(cfg, tokenizer, rank, world):
+    """The records, their split, the images, and this rank's packed micro-batches, planned before the model loads
+    (packing needs every record's length: one pass over the text, data/packing.py): a data mistake (an empty or
+    truncated file, too few records) costs seconds, not the minutes of loading."""
+    root = ensure_dataset(cfg)
+    chat_json = Path(cfg.chat_json).expanduser() if cfg.chat_json else root / "chat.json"
+    records = load_records(chat_json)
+    train_idx, val_idx = split_indices(len(records), cfg.val_size)
+    images = ImageStore(root)
+
+    def lengths(indices):
+        text = LlavaDataset(records, indices, images, tokenizer, None, n_image_tokens(cfg), cfg.max_text_tokens)
+        return sample_lengths(text, cfg.num_workers)
+    sampler = PackedBatchSampler(lengths(train_idx), cfg.batch_size, cfg.batch_tokens, rank, world, cfg.seed)
+    if len(sampler) < cfg.grad_accum:
+        raise ConfigError(f"config field 'grad_accum' = {cfg.grad_accum}: more micro-batches than one epoch has "
+                          f"({len(sampler)} per rank); lower grad_accum or batch_tokens")
+    val_idx = val_idx[rank::world]
+    val_batches = plan_micro_batches(range(len(val_idx)), lengths(val_idx), cfg.batch_size, cfg.batch_tokens)
+    return dict(records=records, train_idx=train_idx, val_idx=val_idx, images=images, sampler=sampler,
+                val_batches=val_batches, identity=data_identity(chat_json, len(records)))
+
+
+def build_data(cfg, model, rank, world, data=None):
+    """This rank's training loader (packed micro-batches from a sampler that can start at any step) and validation
+    loader, over open_data's data (opened here if not given)."""
+    data = data or open_data(cfg, model.tokenizer, rank, world)
+
+    def dataset(indices):
+        return LlavaDataset(data["records"], indices, data["images"], model.tokenizer, model.processor,
+                            model.n_image_tokens, cfg.max_text_tokens, cfg.image_fit)
+
+    # Training's workers live as long as the run's one iterator (the sampler never ends), an evaluation's as long
+    # as the evaluation: none outlive the run. They leave stop signals to this process (ignore_stop_signals).
+    loading = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                   collate_fn=Packer(model.tokenizer.pad_token_id, model.vision.pixel_shape, cfg.batch_size,
+                                     cfg.batch_tokens, model.max_sample_len),
+                   worker_init_fn=ignore_stop_signals,
+                   generator=torch.Generator())  # its own RNG: starting the data must not shift dropout's
+    return (DataLoader(dataset(data["train_idx"]), batch_sampler=data["sampler"], **loading),
+            DataLoader(dataset(data["val_idx"]), batch_sampler=data["val_batches"], **loading))

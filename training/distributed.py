@@ -1,0 +1,42 @@
+"""The few collective operations the loop needs; with one process (no torchrun) each is a no-op."""
+import os
+from collections import Counter
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from models.config import ConfigError
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python main.py` is rank 0 of 1. Returns (rank, world,
+    device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config field 'device' = 'cuda', but torch sees no CUDA GPU here (no driver, or a CPU "
+                          "build of torch); use --device cpu, or auto")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=10))
+    return rank, world, device
+
+
+def all_reduce(t, op=dist.ReduceOp.SUM):
+    if dist.is_initialized():
+        dist.all_reduce(t, op)
+    return t
+
+
+def skips_over_ranks(tally):
+    """(samples seen, Counter of skipped samples by reason, samples truncated), summed over every rank: the log
+    reports the run, not rank 0's share of it."""
+    mine = (tally.seen, tally.skipped, tally.truncated)
+    parts = [mine]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    return sum(p[0] for p in parts), sum((p[1] for p in parts), Counter()), sum(p[2] for p in parts)
