@@ -42,8 +42,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import main  # noqa: E402
-from metrics import score_line  # noqa: E402
-from report import caption_metrics, printable, sample_captions  # noqa: E402
+from training.metrics import score_line  # noqa: E402
+from training.report import caption_metrics, printable, sample_captions  # noqa: E402
 
 
 def prepare(cfg):

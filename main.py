@@ -33,16 +33,16 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import checkpoint  # noqa: E402
+from training import checkpoint  # noqa: E402
 from data.download import DataError, ensure_dataset  # noqa: E402
 from data.llava import (ImageStore, LlavaDataset, SkipTally, data_identity, ignore_stop_signals,  # noqa: E402
                         load_records, split_indices, start_workers, steps_of_micro_batches)
 from data.packing import MODEL_INPUTS, Packer, PackedBatchSampler, plan_micro_batches, sample_lengths  # noqa: E402
 from models.vision import n_image_tokens  # noqa: E402
 from models.vlm import VLM, check_shapes, load_tokenizer  # noqa: E402
-from metrics import score_line  # noqa: E402
-from report import Reporter, caption_metrics, sample_captions, step_line  # noqa: E402
-from throughput import Meter  # noqa: E402
+from training.metrics import score_line  # noqa: E402
+from training.report import Reporter, caption_metrics, sample_captions, step_line  # noqa: E402
+from training.throughput import Meter  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- setup

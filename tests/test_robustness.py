@@ -33,14 +33,14 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from PIL import ExifTags, Image, ImageDraw
 from safetensors.torch import load_file
 
-import checkpoint
+from training import checkpoint
 import main
 from conftest import REPO, cli_args, trainable_params
 from data.packing import PackedBatchSampler
 from data.llava import (ImageStore, LlavaDataset, SkipTally, decode_image, load_records,
                         split_indices)
 from models.config import ConfigError
-from checkpoint import WEIGHTS
+from training.checkpoint import WEIGHTS
 from models.vlm import VLM
 
 # ============================================================================ bad data

@@ -1,16 +1,16 @@
 """Benchmark the real training loop (main.train: data set, collator, workers, model, optimizer) on
 full-size backbones with random weights, over synthetic CC3M-like JPEGs read from a zip. No hub needed.
 
-    uv run python bench.py                                  # projector phase, 2x2 unshuffle: 49 image tokens
-    uv run python bench.py --data dirty                     # 3% records without their image, 6% text-only
-    uv run python bench.py --data instruct --max_text_tokens 1024   # multi-turn, long-tailed (make_instruct_like)
-    uv run python bench.py --pixel_unshuffle 1              # 196 image tokens
-    uv run python bench.py --phase lora                     # adapters on every LM linear layer
-    torchrun --standalone --nproc_per_node 2 bench.py       # data parallel
-    uv run python bench.py --size clip-l-336+phi-3-mini --phase lora --batch_size 16 --gradient_checkpointing true
+    uv run python -m tools.bench                             # projector phase, 2x2 unshuffle: 49 image tokens
+    uv run python -m tools.bench --data dirty                # 3% records without their image, 6% text-only
+    uv run python -m tools.bench --data instruct --max_text_tokens 1024   # multi-turn, long-tailed (make_instruct_like)
+    uv run python -m tools.bench --pixel_unshuffle 1         # 196 image tokens
+    uv run python -m tools.bench --phase lora                # adapters on every LM linear layer
+    torchrun --standalone --nproc_per_node 2 -m tools.bench  # data parallel
+    uv run python -m tools.bench --size clip-l-336+phi-3-mini --phase lora --batch_size 16 --gradient_checkpointing true
 Any VLMConfig flag works (--batch_size, --compile false, ...). `--size` picks the backbones' shapes (SHAPES);
 `--size tiny` runs the same path on tiny backbones (the CPU test does that). `--profile_at N` profiles 8 steps
-from step N; `--generate false` skips the generation benchmark. bench_all.sh runs the README's tables.
+from step N; `--generate false` skips the generation benchmark. `bash tools/bench_all.sh` runs the README's tables.
 """
 import io
 import json
@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import checkpoint
+from training import checkpoint
 import main
 from models.config import VLMConfig, parse_overrides
 from models.prompt import DEFAULT_PROMPT, encode_prompt
