@@ -42,7 +42,7 @@ import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import TextIteratorStreamer  # noqa: E402
 
-import checkpoint  # noqa: E402
+from training import checkpoint  # noqa: E402
 from data.llava import decode_image  # noqa: E402
 from models.config import ConfigError  # noqa: E402
 from models.hub import HubError  # noqa: E402

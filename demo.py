@@ -42,8 +42,9 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import main  # noqa: E402
-from metrics import score_line  # noqa: E402
-from report import caption_metrics, printable, sample_captions  # noqa: E402
+from data.loading import build_data  # noqa: E402
+from training.metrics import score_line  # noqa: E402
+from training.report import caption_metrics, printable, sample_captions  # noqa: E402
 
 
 def prepare(cfg):
@@ -77,7 +78,7 @@ def run(cfg, instruct=False):
     print("== phase 2: LoRA on the LM + projector")
     out = main.train(lora)
     print(f"== captions of held-out images (demo took {time.time() - t0:.0f}s):")
-    _, val_loader = main.build_data(lora, out["model"], 0, 1)
+    _, val_loader = build_data(lora, out["model"], 0, 1)
     val_set = val_loader.dataset
     for id_, _, caption, truth in sample_captions(out["model"], val_set, 8, torch.device("cpu"))[0]:
         print(f"  {id_}: {printable(caption)}  (reference: {printable(truth)})")
@@ -99,7 +100,7 @@ def answer_questions(cfg, projector, t0):
                                chat_json=str(make_shapes_instruct(cfg.data_dir)))
     print("== phase 2 on instructions: the projector and every LM weight train (--phase full)")
     out = main.train(full)
-    _, val_loader = main.build_data(full, out["model"], 0, 1)
+    _, val_loader = build_data(full, out["model"], 0, 1)
     scores, rows, skipped = caption_metrics(out["model"], val_loader.dataset, len(val_loader.dataset), torch.device("cpu"))
     print(f"== held-out pictures asked their questions (demo took {time.time() - t0:.0f}s):")
     for row in rows[:8]:

@@ -4,8 +4,8 @@
 
 Each record is prompted with its conversation up to its last assistant reply (its question, and the turns before it),
 and that reply is the reference. Reports CIDEr, BLEU-4, ROUGE-L and exact match for captions, the VQAv2-normalised
-exact match and yes/no accuracy for short answers (metrics.py), how many records were skipped and why (a missing
-image, a text-only record, ...), and writes them, with every prompt, prediction and reference, to a JSON file.
+exact match and yes/no accuracy for short answers (training/metrics.py), how many records were skipped and why
+(a missing image, a text-only record, ...), and writes them, with every prompt, prediction and reference, to a JSON file.
 Which records: --split val scores the records the checkpoint's run held out, which exist only in the data it trained
 on (its run.json holds that chat.json's sha256; the data set's fixed split and the run's val_size pick them, as
 training did); --split all scores every record (a separate test set). The default, auto, is val on the checkpoint's
@@ -57,13 +57,13 @@ from typing import NamedTuple  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-import checkpoint  # noqa: E402
+from training import checkpoint  # noqa: E402
 from data.download import DataError  # noqa: E402
 from data.llava import ImageStore, LlavaDataset, data_identity, load_records, split_indices  # noqa: E402
 from models.config import ConfigError, VLMConfig  # noqa: E402
 from models.hub import HubError  # noqa: E402
-from metrics import score_line  # noqa: E402
-from report import caption_metrics  # noqa: E402
+from training.metrics import score_line  # noqa: E402
+from training.report import caption_metrics  # noqa: E402
 
 
 class EvalData(NamedTuple):

@@ -94,7 +94,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoImageProcessor  # noqa: E402
 
-import checkpoint  # noqa: E402
+from training import checkpoint  # noqa: E402
 from data.llava import decode_image  # noqa: E402
 from models.config import ConfigError  # noqa: E402
 from models.hub import HubError, from_hub  # noqa: E402

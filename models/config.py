@@ -39,7 +39,7 @@ class VLMConfig:
     init_from: str = ""  # lora and full phases: checkpoint dir of a projector run to start from
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.0  # peft's default (LLaVA: 0.05); trained as well in sweep.py, and 1.2x faster (README)
+    lora_dropout: float = 0.0  # peft's default (LLaVA: 0.05); trained as well in tools/sweep.py, and 1.2x faster (README)
     lora_targets: tuple = ()  # the LM's linear layers to adapt, by name (e.g. q_proj,v_proj); empty: all but the head
     lora_vision: bool = False  # also put adapters on the vision encoder's linear layers
     lora_vision_targets: tuple = ()  # the vision encoder's linear layers to adapt, by name; empty: all of them
@@ -60,7 +60,7 @@ class VLMConfig:
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
     projector_lr: float = 1e-3  # phase 1: the projector's learning rate (LLaVA: 1e-3)
-    lora_lr: float = 1e-3  # phase 2: the adapters' learning rate (chosen by sweep.py; see the README)
+    lora_lr: float = 1e-3  # phase 2: the adapters' learning rate (chosen by tools/sweep.py; see the README)
     lora_projector_lr: float = 2e-5  # phase 2: the aligned projector's learning rate (LLaVA: 2e-5)
     full_lr: float = 2e-5  # phase full: every LM weight and the projector (LLaVA-1.5's fine-tuning: 2e-5)
     weight_decay: float = 0.0  # applied to matrices only, never to biases or norms
@@ -88,7 +88,7 @@ class VLMConfig:
     # ------------------------------------------------------------------
     def validate(self):
         """Each field on its own, before anything loads. (Checks against the backbones' shapes are in
-        models.vlm.check_shapes, against checkpoints in checkpoint.py.)"""
+        models.vlm.check_shapes, against checkpoints in training/checkpoint.py.)"""
         def bad(name, why):
             raise ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {why}")
         if self.phase not in ("projector", "lora", "full"):

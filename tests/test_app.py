@@ -15,7 +15,7 @@ from conftest import REPO
 
 gr = pytest.importorskip("gradio", reason="the page's dependencies are an extra: uv sync --extra app")
 import app  # noqa: E402
-import checkpoint  # noqa: E402
+from training import checkpoint  # noqa: E402
 from models.config import VLMConfig  # noqa: E402
 from models.vision import image_pixels  # noqa: E402
 from models.vlm import VLM  # noqa: E402

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
+from tools import bench
 import main
-from throughput import flop_counter
+from training.throughput import flop_counter
 from models.config import VLMConfig
 from models.prompt import IGNORE
 from models.vlm import VLM

@@ -56,7 +56,7 @@ def test_evaluation_asks_each_record_its_own_question(tiny_cfg, tmp_path, monkey
     """Records about the same picture whose answers depend on the question (one of them multi-turn): each is
     prompted with its own conversation up to its last reply, which is its reference; one batch holds them all."""
     from data.llava import ImageStore, LlavaDataset, load_records
-    from report import sample_captions
+    from training.report import sample_captions
     draw("red", "circle", "center").save(tmp_path / "img.png")
     qa = [("What colour is the shape?", "red ."), ("What shape is it?", "a circle ."), ("Where is it?", "at the center .")]
     records = [{"id": f"q{i}", "image": "img.png", "conversations": [

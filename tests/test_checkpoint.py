@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoint import WEIGHTS, load_model, load_weights, save_model
+from training.checkpoint import WEIGHTS, load_model, load_weights, save_model
 from models.lora import lora_layers
 from models.vlm import VLM
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from checkpoint import check_init_from
+from training.checkpoint import check_init_from
 from conftest import REPO
 from models.config import ConfigError, VLMConfig, parse_overrides
 

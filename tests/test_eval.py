@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import checkpoint
+from training import checkpoint
 import eval as evaluation
 import main
 from data.llava import data_identity, split_indices

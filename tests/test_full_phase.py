@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-import checkpoint
+from training import checkpoint
 import main
 from data.shapes import draw
 from generate import main as generate_main

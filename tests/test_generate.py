@@ -13,15 +13,15 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import checkpoint
+from training import checkpoint
 import generate
 from conftest import REPO
 from data.shapes import draw
-from bench import greedy_without_cache
+from tools.bench import greedy_without_cache
 from generate import export, load_image
 from models.lora import lora_layers, strip_lora
 from models.prompt import DEFAULT_PROMPT, encode_prompt
-from checkpoint import load_model, save_model
+from training.checkpoint import load_model, save_model
 from models.vision import image_pixels
 from models.vlm import VLM
 

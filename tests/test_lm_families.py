@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import main
-from checkpoint import load_model
+from training.checkpoint import load_model
 from data.shapes import corpus, draw
 from generate import main as generate_main
 from models.config import ConfigError, VLMConfig

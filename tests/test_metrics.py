@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from metrics import answer_scores, caption_scores, tokenize, vqa_normalize
+from training.metrics import answer_scores, caption_scores, tokenize, vqa_normalize
 
 # (prediction, reference): capitals, punctuation, clitics, hyphens, numbers, quotes, brackets, a short answer
 PAIRS = [

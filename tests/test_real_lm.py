@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import bench
+from tools import bench
 import main
 from conftest import model_inputs, packer
-from checkpoint import load_model
+from training.checkpoint import load_model
 from data.llava import ImageStore, LlavaDataset, load_records
 from data.shapes import draw
 from models.config import VLMConfig
@@ -100,7 +100,7 @@ def test_the_generation_prompt_is_the_training_prompt_up_to_the_assistant_header
 
 # ============================================================================ the benchmark's stand-in tokenizer
 def test_the_benchmarks_stand_in_tokenizer_makes_sequences_as_long_as_smollm2s(tmp_path, real_lm):
-    """bench.py measures random backbones with a BPE trained on its captions: its samples must be as long as the
+    """tools/bench.py measures random backbones with a BPE trained on its captions: its samples must be as long as the
     real tokenizer makes them (a 512-token BPE made them 26% longer, so the benchmark ran a heavier load)."""
     corpus = bench.make_cc3m_like(tmp_path, n=500, distinct=2)
     records = json.loads((tmp_path / "chat.json").read_text())

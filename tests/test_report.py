@@ -2,7 +2,7 @@
 import json
 
 from models.config import VLMConfig
-from report import Reporter, printable
+from training.report import Reporter, printable
 
 
 def test_captions_print_control_characters_escaped():
@@ -19,7 +19,7 @@ def test_a_resumed_run_keeps_one_history_in_log_jsonl(tmp_path):
 
 
 def test_curves_plot_one_continuous_history_across_a_resume(tmp_path):
-    from curves import read_history
+    from training.curves import read_history
     cfg = VLMConfig(out_dir=str(tmp_path))
     first = Reporter(cfg, rank=0, start_step=0, run_id="r")
     for step in range(1, 6):

@@ -33,14 +33,16 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from PIL import ExifTags, Image, ImageDraw
 from safetensors.torch import load_file
 
-import checkpoint
+from training import checkpoint
 import main
 from conftest import REPO, cli_args, trainable_params
+from data.loading import open_data
 from data.packing import PackedBatchSampler
 from data.llava import (ImageStore, LlavaDataset, SkipTally, decode_image, load_records,
                         split_indices)
 from models.config import ConfigError
-from checkpoint import WEIGHTS
+from training.checkpoint import WEIGHTS
+from training.distributed import skips_over_ranks
 from models.vlm import VLM
 
 # ============================================================================ bad data
@@ -409,7 +411,7 @@ def _sum_skips(rank, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
     mine = SkipTally(seen=2 + rank, skipped={"missing_image": 1 + rank, **({"bad_text": 1} if rank else {})},
                      truncated=1 + rank)
-    seen, skipped, truncated = main.skips_over_ranks(mine)
+    seen, skipped, truncated = skips_over_ranks(mine)
     Path(out_dir, f"{rank}.json").write_text(json.dumps([seen, dict(sorted(skipped.items())), truncated]))
     torch.distributed.destroy_process_group()
 
@@ -914,7 +916,7 @@ def test_a_step_with_no_usable_sample_logs_no_loss_and_a_short_bad_run_is_called
 def test_the_validation_split_does_not_depend_on_the_seed(tiny_cfg):
     """Phase 2 with another --seed must not train on phase 1's held-out records."""
     tokenizer = main.load_tokenizer(tiny_cfg)
-    splits = [main.open_data(dataclasses.replace(tiny_cfg, seed=seed), tokenizer, 0, 1)["val_idx"] for seed in (0, 1, 7)]
+    splits = [open_data(dataclasses.replace(tiny_cfg, seed=seed), tokenizer, 0, 1)["val_idx"] for seed in (0, 1, 7)]
     assert splits[0] == splits[1] == splits[2] and len(splits[0]) == tiny_cfg.val_size
 
 

@@ -1,8 +1,9 @@
-"""sweep.py's whole path on the CPU, with the tiny LM: data, phase 1 once, phase 2 per setting, held-out scores."""
+"""tools/sweep.py's whole path on the CPU, with the tiny LM: data, phase 1 once, phase 2 per setting, held-out
+scores."""
 import json
 import math
 
-import sweep
+from tools import sweep
 
 
 def test_a_one_setting_sweep_scores_the_held_out_split_and_a_rerun_skips_it(tmp_path):

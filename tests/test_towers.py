@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, Dinov2Config, Dinov2Model, SiglipVisionConfig
 
-import checkpoint
+from training import checkpoint
 import generate
 import main
 from models.config import ConfigError, PRESETS, VLMConfig, parse_overrides

@@ -20,7 +20,7 @@ import main
 from conftest import REPO, cli_args, trainable_params
 from data.llava import ImageStore, LlavaDataset, load_records
 from data.packing import PackedBatchSampler
-from checkpoint import WEIGHTS
+from training.checkpoint import WEIGHTS
 from models.vlm import VLM
 
 

@@ -1,6 +1,6 @@
 """curves.png: a run's history (out_dir/log.jsonl) drawn as train and validation loss, learning rate and samples/s.
 
-A resumed run's log.jsonl holds one history (report.Reporter drops the steps after its checkpoint), so its plot
+A resumed run's log.jsonl holds one history (training.report.Reporter drops the steps after its checkpoint), so its plot
 is continuous. Drawn on a bare matplotlib Figure: no pyplot, so no global backend or figure state is touched.
 """
 import json

@@ -1,17 +1,18 @@
 """Benchmark the real training loop (main.train: data set, collator, workers, model, optimizer) on
 full-size backbones with random weights, over synthetic CC3M-like JPEGs read from a zip. No hub needed.
 
-    uv run python bench.py                                  # projector phase, 2x2 unshuffle: 49 image tokens
-    uv run python bench.py --data dirty                     # 3% records without their image, 6% text-only
-    uv run python bench.py --data instruct --max_text_tokens 1024   # multi-turn, long-tailed (make_instruct_like)
-    uv run python bench.py --pixel_unshuffle 1              # 196 image tokens
-    uv run python bench.py --phase lora                     # adapters on every LM linear layer
-    torchrun --standalone --nproc_per_node 2 bench.py       # data parallel
-    uv run python bench.py --size clip-l-336+phi-3-mini --phase lora --batch_size 16 --gradient_checkpointing true
+    uv run python -m tools.bench                             # projector phase, 2x2 unshuffle: 49 image tokens
+    uv run python -m tools.bench --data dirty                # 3% records without their image, 6% text-only
+    uv run python -m tools.bench --data instruct --max_text_tokens 1024   # multi-turn, long-tailed (make_instruct_like)
+    uv run python -m tools.bench --pixel_unshuffle 1         # 196 image tokens
+    uv run python -m tools.bench --phase lora                # adapters on every LM linear layer
+    torchrun --standalone --nproc_per_node 2 -m tools.bench  # data parallel
+    uv run python -m tools.bench --size clip-l-336+phi-3-mini --phase lora --batch_size 16 --gradient_checkpointing true
 Any VLMConfig flag works (--batch_size, --compile false, ...). `--size` picks the backbones' shapes (SHAPES);
 `--size tiny` runs the same path on tiny backbones (the CPU test does that). `--profile_at N` profiles 8 steps
-from step N; `--generate false` skips the generation benchmark. bench_all.sh runs the README's tables.
+from step N; `--generate false` skips the generation benchmark. `bash tools/bench_all.sh` runs the README's tables.
 """
+import gc
 import io
 import json
 import math
@@ -30,7 +31,8 @@ import torch
 from PIL import Image, ImageFilter
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import checkpoint
+from training import checkpoint
+from training.distributed import setup_distributed
 import main
 from models.config import VLMConfig, parse_overrides
 from models.prompt import DEFAULT_PROMPT, encode_prompt
@@ -183,11 +185,20 @@ def seconds_since_process_start():
 
 class StepClock:
     """GPU time of every optimizer step, from CUDA events recorded after each (the loop never waits for them),
-    and the seconds from process start to the first step done (one wait, at that step)."""
+    the seconds from process start to the first step done (one wait, at that step), and the garbage collector's
+    full collections by step: a slow step with one in it is the collector's."""
 
     def __init__(self):
-        self.events, self.start_s = [], None
+        self.events, self.start_s, self.full_gc_ms, self.gc_t0 = [], None, {}, 0.0
         self.hook = register_optimizer_step_post_hook(self.tick)
+        gc.callbacks.append(self.on_gc)
+
+    def on_gc(self, phase, info):
+        if info["generation"] == 2 and phase == "start":
+            self.gc_t0 = time.perf_counter()
+        elif info["generation"] == 2:  # in the step after the len(events) done
+            step = len(self.events) + 1
+            self.full_gc_ms[step] = self.full_gc_ms.get(step, 0) + round(1000 * (time.perf_counter() - self.gc_t0))
 
     def tick(self, optimizer, args, kwargs):
         event = torch.cuda.Event(enable_timing=True)
@@ -206,7 +217,8 @@ class StepClock:
         median = statistics.median(ms.values())
         slow = {step: round(m) for step, m in ms.items() if m > 2 * median}
         return {"start_s": self.start_s, "step_ms_median": median, "step_ms_max": max(ms.values()),
-                "steps_over_2x_median": len(slow), "slow_steps_ms": slow, "steps_timed": len(ms)}
+                "steps_over_2x_median": len(slow), "slow_steps_ms": slow, "steps_timed": len(ms),
+                "full_gc_ms": self.full_gc_ms}
 
 
 class StepProfiler:
@@ -296,7 +308,7 @@ if __name__ == "__main__":
     clock = StepClock() if torch.cuda.is_available() and cfg.device != "cpu" else None
     profiler = StepProfiler(int(profile_at)) if clock and int(profile_at) else None
     result = main.train(cfg)
-    rank, world, _ = main.setup_distributed(cfg)
+    rank, world, _ = setup_distributed(cfg)
     if rank == 0:
         steps = clock.summary(profiled=profiler.slowed if profiler else ()) if clock else {}
         print("BENCH " + json.dumps({**summarize(cfg, result, world), **steps}))

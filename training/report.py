@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.llava import ignore_stop_signals, start_workers
-from metrics import answer_scores, caption_scores
+from training.metrics import answer_scores, caption_scores
 from models.prompt import trained_turns
 
 
@@ -111,7 +111,7 @@ class Reporter:
     def plot_curves(self):
         """Redraws out_dir/curves.png from the whole log.jsonl history (matplotlib is imported only here)."""
         if not self.quiet:
-            from curves import plot_curves
+            from training.curves import plot_curves
             plot_curves(self.path, self.path.parent / "curves.png")
 
     def close(self):

@@ -1,8 +1,8 @@
 """Choose the phase defaults on held-out data, with the real SmolLM2-135M-Instruct weights (offline: models/smollm2.py).
 
-    uv run python sweep.py                                    # GPU: the default grid (12 settings), minutes each
-    uv run python sweep.py --lora_lr 1e-3,3e-3 --lora_vision false   # any grid axis as a comma-separated list
-    uv run python sweep.py --quick                            # CPU smoke test: one setting, a few steps
+    uv run python -m tools.sweep                              # GPU: the default grid (12 settings), minutes each
+    uv run python -m tools.sweep --lora_lr 1e-3,3e-3 --lora_vision false   # any grid axis as a comma-separated list
+    uv run python -m tools.sweep --quick                      # CPU smoke test: one setting, a few steps
 
 The task: shapes captions (data/shapes.py) with the shapes moved and resized at random, so the seeded held-out
 split (`--val_size` records, never trained on) holds images the model has not seen. The vision tower is a tiny
@@ -24,7 +24,7 @@ TYPES = {"lora_lr": float, "lora_r": int, "lora_dropout": float, "warmup_frac": 
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="sweep.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.sweep", description=__doc__.splitlines()[0])
     for axis, values in GRID.items():
         parser.add_argument(f"--{axis}", type=lambda text, t=TYPES[axis]: [t(v) for v in text.split(",")],
                             help=f"comma-separated values (default: {','.join(map(str, values))})")
@@ -55,12 +55,13 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import main  # noqa: E402
+from data.loading import build_data  # noqa: E402
 from data.shapes import make_shapes_dataset  # noqa: E402
 from models.config import VLMConfig  # noqa: E402
 from models.smollm2 import smollm2_dir  # noqa: E402
 from models.tiny import build_backbones  # noqa: E402
 from models.vision import n_image_tokens  # noqa: E402
-from report import printable, sample_captions  # noqa: E402
+from training.report import printable, sample_captions  # noqa: E402
 
 
 def prepare(args):
@@ -88,7 +89,7 @@ def settings(args):
 def held_out(result, cfg):
     """Exact-caption accuracy (greedy) and loss on the held-out split, for the model main.train returned."""
     model = result["model"]
-    _, val_loader = main.build_data(cfg, model, 0, 1)
+    _, val_loader = build_data(cfg, model, 0, 1)
     rows, _ = sample_captions(model, val_loader.dataset, len(val_loader.dataset), next(model.parameters()).device)
     return {"accuracy": sum(r.prediction == r.reference for r in rows) / max(len(rows), 1),
             "val_loss": result["val_loss"], "examples": [[printable(r.prediction), r.reference] for r in rows[:3]]}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's benchmark tables: bash bench_all.sh [ROW...]   (logs in checkpoints/bench/logs; default: every row)
+# The README's benchmark tables: bash tools/bench_all.sh [ROW...]   (logs in checkpoints/bench/logs; default: every row)
 # Each row starts with an empty compile cache, so its start time is a cold start; projector_warm reruns the
 # projector row on the cache it left (the warm start). The generate rows time captioning alone (after 12 steps).
 set -u
@@ -11,8 +11,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 run() {  # run NAME CACHE FLAGS...
   name=$1 cache=$2; shift 2
-  echo "=== $name: python bench.py $*"
-  TORCHINDUCTOR_CACHE_DIR=$cache python bench.py "$@" > "$logs/$name.log" 2>&1 || echo "failed: see $logs/$name.log"
+  echo "=== $name: python -m tools.bench $*"
+  TORCHINDUCTOR_CACHE_DIR=$cache python -m tools.bench "$@" > "$logs/$name.log" 2>&1 || echo "failed: see $logs/$name.log"
   grep -oE "(BENCH|PROFILE|GENERATE) .*" "$logs/$name.log"  # (a progress bar may lead the line)
 }
 fresh() { rm -rf "$logs/cache_$1"; echo "$logs/cache_$1"; }
