@@ -31,7 +31,7 @@ for row in $rows; do
     tokens196)      run "$row" "$(fresh "$row")" --pixel_unshuffle 1 --max_steps 100 --generate false ;;
     lora)           run "$row" "$(fresh "$row")" --phase lora --max_steps 100 --generate false ;;
     lora_vision)    run "$row" "$(fresh "$row")" --phase lora --lora_vision true --max_steps 100 --generate false ;;
-    full)           run "$row" "$(fresh "$row")" --phase full --max_steps 100 --generate false ;;  # the LM's every weight
+    full)           run "$row" "$(fresh "$row")" --phase full --max_steps 40 --generate false ;;  # the LM's every weight (cold compile: 2+ min)
     tokens32k)      run "$row" "$(fresh "$row")" --batch_tokens 32768 --batch_size 512 --max_steps 60 --generate false ;;
     phi2)           run "$row" "$(fresh "$row")" --size clip-l-336+phi-2 "${big[@]}" ;;
     phi2_ckpt)      run "$row" "$(fresh "$row")" --size clip-l-336+phi-2 "${big[@]}" --gradient_checkpointing true ;;
