@@ -111,10 +111,11 @@ def train(cfg: VLMConfig):
         # the run's id (kept across resumes: wandb's run, and which checkpoints rotation may remove) and its data
         state.update(run_id=state.get("run_id") or new_run_id(), data_identity=data["identity"])
         forward = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-        params = speed.prepare(model, cfg, device, ddp=forward if world > 1 else None)
+        params = speed.prepare(model, cfg, device, world)
         autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
         steps = steps_of_micro_batches(train_loader, state["step"], cfg.grad_accum)
         tally, non_finite, losses = SkipTally(**state["data"]), NonFiniteSteps(state, device), LoggedLoss(device)
+        min_seen = min(100, len(data["train_idx"]))  # samples seen before the bad-data fraction is judged
         meter, reporter = Meter(model, device, world), Reporter(cfg, rank, state["step"], state["run_id"])
         skips = (tally.seen, tally.skipped, tally.truncated)  # summed over ranks at each log line
         result = {"losses": [], "stats": [], "val_loss": None, "caption_scores": None, "checkpoint": resume_from}
@@ -131,7 +132,7 @@ def train(cfg: VLMConfig):
                 batches = next(steps)  # grad_accum micro-batches
                 data_wait = time.perf_counter() - t0
                 tally.add(batches)
-                tally.check(cfg.max_bad_fraction, min(100, len(data["train_idx"])))
+                tally.check(cfg.max_bad_fraction, min_seen)
                 step_loss, n_tokens, finite = train_step(forward, batches, optimizer, params, cfg, device, autocast)
                 scheduler.step()
                 state["step"] += 1
@@ -168,7 +169,7 @@ def train(cfg: VLMConfig):
                 if stopping:
                     break
         reporter.close()
-        report_data(reporter, cfg, *skips, min(100, len(data["train_idx"])))
+        report_data(reporter, cfg, *skips, min_seen)
         if stopping:
             raise Stopped(signal.Signals(stopping), state["step"], result["checkpoint"])
         return {**result, "model": model, "step": state["step"], "skipped": dict(skips[1]), "truncated": skips[2]}

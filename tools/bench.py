@@ -31,13 +31,13 @@ import torch
 from PIL import Image, ImageFilter
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from training import checkpoint
-from training.distributed import setup_distributed
 import main
 from models.config import VLMConfig, parse_overrides
 from models.prompt import DEFAULT_PROMPT, encode_prompt
 from models.tiny import build_lm, build_vision
 from models.vlm import VLM
+from training import checkpoint
+from training.distributed import setup_distributed
 
 CC3M_EPOCH = 595_375  # records in LLaVA-CC3M-Pretrain-595K
 WORDS = ("a man woman dog cat car tree house city street beach sunset people group young old red blue green "

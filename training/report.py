@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.llava import ignore_stop_signals, start_workers
-from training.metrics import answer_scores, caption_scores
 from models.prompt import trained_turns
+from training.metrics import answer_scores, caption_scores
 
 
 def printable(text):

@@ -42,11 +42,11 @@ def compile_blocks(model, cuda_graphs=True):
         layer.compile(dynamic=False, mode=mode)
 
 
-def prepare(model, cfg, device, ddp):
-    """The loop's one call: compile the blocks (CUDA and --compile), and give every trainable weight its fixed
-    gradient buffer. Returns the trainable parameters."""
+def prepare(model, cfg, device, world):
+    """The loop's one call: compile the blocks (CUDA and --compile; CUDA graphs with one process only), and give
+    every trainable weight its fixed gradient buffer. Returns the trainable parameters."""
     if cfg.compile and device.type == "cuda":
-        compile_blocks(model, cuda_graphs=cfg.cuda_graphs and ddp is None)
+        compile_blocks(model, cuda_graphs=cfg.cuda_graphs and world == 1)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # zeroed after each step (zero_grad(set_to_none=False)), never freed
         p.grad = torch.zeros_like(p)
