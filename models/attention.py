@@ -5,8 +5,8 @@ shape whatever the records. `cu_seqlens` marks where each sample starts: [0, len
 (padded with N to a fixed size; the padding after the last sample is cut into pieces of its own). A token attends
 to the tokens before it in its own sample only; position ids restart at 0 per sample (the collator makes them).
 
-    on a GPU (bf16/fp16): FlashAttention's variable-length kernel (torch.nn.attention.varlen): per sample,
-        no mask in memory, no work across samples
+    on a GPU (bf16/fp16, or fp32 under bf16 autocast: the full phase's LM): FlashAttention's variable-length
+        kernel (torch.nn.attention.varlen): per sample, no mask in memory, no work across samples
     elsewhere (the CPU, fp32): causal SDPA over each sample in turn: the same numbers, slower
 
 Without cu_seqlens (a hand-built batch of rows) it is plain causal SDPA; generation switches the LM to transformers'
@@ -33,8 +33,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if cu_seqlens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if varlen_attn is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))            # [N, H, D]
+    # The full phase trains the LM in fp32 and its rotary step hands fp32 queries on: run them in autocast's dtype,
+    # as SDPA would. (The per-sample path below reads cu_seqlens on the host: compiled, a new sample count
+    # compiled again every step, 100 s each on an H200.)
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    if varlen_attn is not None and query.is_cuda and dtype in (torch.bfloat16, torch.float16):
+        q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # [N, H, D]
         out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling,
                           window_size=(-1, 0))                                     # (-1, 0): causal
         return out.unsqueeze(0), None                                             # [1, N, H, D]

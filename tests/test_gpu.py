@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 from training import checkpoint
 import main
+from test_full_phase import full_cfg
 from test_instruct_data import instruct  # noqa: F401 (a fixture)
 from test_robustness import on_projector_forward, spy_optimizer_steps
 from test_train import check_resume_is_exact
@@ -199,3 +200,23 @@ def test_a_new_image_count_compiles_nothing(cuda_cfg):
                                        rtol=1e-4, atol=1e-4)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] > 0 and graphs == graphs[:1] * 4, graphs
+
+
+def test_the_compiled_full_phase_trains_like_eager_and_compiles_once(cuda_cfg, on_optimizer_step):
+    """--phase full keeps the LM's weights in fp32 under bf16 autocast, so its queries reach attention in fp32:
+    they take FlashAttention's packed kernel like the other phases' (the per-sample fallback read the sample
+    boundaries on the host and compiled again at each new count: 100 s a step on an H200). Compiled losses as
+    eager's; no graph compiled after the first step, though the rows' samples differ from step to step."""
+    def run(compile, graphs=None):
+        cfg = full_cfg(dataclasses.replace(cuda_cfg, out_dir=f"{cuda_cfg.out_dir}_{compile}"), max_steps=6,
+                       batch_size=4, compile=compile)
+        torch._dynamo.reset()
+        counters.clear()
+        if graphs is not None:  # graphs compiled by the end of each step
+            on_optimizer_step(lambda optimizer: graphs.append(counters["stats"]["unique_graphs"]), when="after")
+        return main.train(cfg)["losses"]
+    graphs = []
+    eager, compiled = run(False), run(True, graphs)
+    assert graphs[0] > 0 and graphs == graphs[:1] * 6, graphs
+    for (_, a), (_, b) in zip(compiled, eager):
+        assert abs(a - b) / b < 2e-2, (compiled, eager)
