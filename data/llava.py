@@ -97,7 +97,9 @@ def start_workers(loader):
 def kill_workers():
     """At exit, multiprocessing ends the daemonic children (the data workers) with SIGTERM, then waits for them,
     and the workers ignore SIGTERM: a loader iterator still alive at exit (training's, once torch.compile ran on
-    a GPU) made the process wait forever after its work was done. SIGKILL them first."""
+    a GPU) made the process wait forever after its work was done. SIGKILL them first, with SIGCHLD back to its
+    default: torch's loader watches its workers with a handler that reports these deaths as a failed worker."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for p in multiprocessing.active_children():
         if p.daemon:
             p.kill()

@@ -670,13 +670,14 @@ def test_sigterm_to_the_whole_process_group_still_saves_then_resumes_exactly(tin
 
 def test_a_process_exits_with_a_data_loader_still_alive():
     """The data workers ignore SIGTERM (the test above), which is how multiprocessing ends them at exit: a loader
-    iterator still alive then (the GPU machine kept training's alive) made the finished process wait forever."""
+    iterator still alive then (the GPU machine kept training's alive) made the finished process wait forever.
+    It exits quietly: no report of a failed worker for the workers it ended itself."""
     script = ("import torch; from torch.utils.data import DataLoader; from data.llava import ignore_stop_signals, "
               "start_workers\n"
               "loader = DataLoader(range(100), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals)\n"
               "alive = start_workers(loader); next(alive); print('done', flush=True)\n")
     run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "done" in run.stdout, run.stderr
+    assert run.returncode == 0 and "done" in run.stdout and "Traceback" not in run.stderr, run.stderr
 
 
 def test_a_second_ctrl_c_stops_at_once(capsys):

@@ -209,9 +209,10 @@ class StepClock:
             self.start_s = seconds_since_process_start()
 
     def summary(self, warmup=20, profiled=()):
-        """Start-up time; median and slowest step after `warmup` steps, and which took over 2x the median.
-        `profiled`: the steps the profiler ran over (it slows them), left out."""
+        """Start-up time; median and slowest step after `warmup` steps (half the run if shorter), and which took
+        over 2x the median. `profiled`: the steps the profiler ran over (it slows them), left out."""
         torch.cuda.synchronize()
+        warmup = min(warmup, len(self.events) // 2)
         ms = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]  # ms[i]: step i + 2
         ms = {step: m for step, m in enumerate(ms, start=2) if step > warmup + 1 and step not in profiled}
         median = statistics.median(ms.values())
