@@ -2,11 +2,22 @@
 import json
 
 from models.config import VLMConfig
-from training.report import Reporter, printable
+from training.report import Reporter, printable, step_line
 
 
 def test_captions_print_control_characters_escaped():
     assert printable("a\x06user\n<|im_end|> é 🦄") == "a\\x06user\\n<|im_end|> é 🦄"
+
+
+def test_the_step_line_shows_the_gpu_peak_memory_and_truncations_when_there_are_any():
+    stats = {"dt_ms": 61.0, "samples_per_s": 2577.4, "tokens_per_s": 263817.2, "fill": 0.998, "mfu": 0.221,
+             "data_wait": 0.0, "peak_mem_gb": 12.61}
+    gpu = step_line(40, 40, 2e-5, 8.6936, stats, skipped=0, truncated=3)
+    assert gpu == ("step     40/40 | loss 8.6936 | lr 2.00e-05 | dt 61ms | 2,577 samples/s | 263,817 tok/s | fill 100% | "
+                   "mfu 22.1% | peak 12.6 GiB | data wait 0% | skipped 0 | truncated 3")
+    cpu = step_line(40, 40, 2e-5, None, {**stats, "mfu": None, "peak_mem_gb": None}, skipped=2)
+    assert cpu.endswith("| loss - | lr 2.00e-05 | dt 61ms | 2,577 samples/s | 263,817 tok/s | fill 100% | mfu - | "
+                        "data wait 0% | skipped 2")
 
 
 def test_a_resumed_run_keeps_one_history_in_log_jsonl(tmp_path):

@@ -25,8 +25,9 @@ def step_line(step, total, lr, loss, s, skipped, truncated=0):
     """loss None: nothing trained in the interval (every sample unusable, or every step skipped as non-finite).
     skipped, truncated: samples so far; truncated is shown once there is one."""
     mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "-"
+    mem = f" | peak {s['peak_mem_gb']:.1f} GiB" if s["peak_mem_gb"] is not None else ""  # the GPU's, since the start
     return (f"step {step:>6}/{total} | loss {'-' if loss is None else f'{loss:.4f}'} | lr {lr:.2e} | dt {s['dt_ms']:.0f}ms | "
-            f"{s['samples_per_s']:,.0f} samples/s | {s['tokens_per_s']:,.0f} tok/s | fill {100 * s['fill']:.0f}% | mfu {mfu} | "
+            f"{s['samples_per_s']:,.0f} samples/s | {s['tokens_per_s']:,.0f} tok/s | fill {100 * s['fill']:.0f}% | mfu {mfu}{mem} | "
             f"data wait {100 * s['data_wait']:.0f}% | skipped {skipped}" + (f" | truncated {truncated}" if truncated else ""))
 
 
