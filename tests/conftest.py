@@ -4,6 +4,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may reach for the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest's 2 processes (pyproject's addopts): one thread each, also
+    os.environ["OMP_NUM_THREADS"] = "1"    # for the runs it starts (with 2 threads each on 2 cores, the notebook's
+                                           # test ran over 7 minutes instead of 1)
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,3 +112,18 @@ def on_optimizer_step():
 
 def trainable_params(optimizer):
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def steps_saved(out_dir):
+    return sorted(int(p.name[5:]) for p in Path(out_dir).glob("step_*"))
+
+
+def log_lines(out_dir):
+    """Lines of out_dir/log.jsonl: one per trained step (log_every=1)."""
+    path = Path(out_dir) / "log.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def same(a, b):
+    """Two state dicts hold the same names and bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

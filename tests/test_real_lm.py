@@ -56,7 +56,8 @@ def real_cfg(tiny_assets, lm, out_dir, **changes):
                      out_dir=str(out_dir), projector_hidden_dim=64, max_text_tokens=64, batch_size=8, batch_tokens=8 * 68,
                      grad_accum=1,
                      num_workers=1, val_size=8, max_steps=4, warmup_frac=0.0, lora_dropout=0.0, log_every=1,
-                     eval_every=10_000, save_every=10_000, eval_captions=0, resume=False, seed=0, **changes)
+                     eval_every=10_000, save_every=10_000, eval_captions=0, metric_records=0, resume=False, seed=0,
+                     **changes)
 
 
 # ============================================================================ conversion, prompt format
