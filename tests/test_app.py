@@ -139,7 +139,7 @@ def page_url(tiny_checkpoint, tmp_path_factory):
                                "--device", "cpu", "--examples", str(tmp_path_factory.mktemp("none"))],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while True:
         try:
             urllib.request.urlopen(url, timeout=5)

@@ -555,7 +555,7 @@ def test_a_bad_flag_is_named_before_the_hub_or_any_training(tmp_path, script, fl
     """With the default hub backbones and no hub, a typo'd value used to get the hub's error."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     out = subprocess.run([sys.executable, script, *flags, "--out_dir", str(tmp_path / "run")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and message in out.stderr and "Hub" not in out.stderr, out.stderr
     assert "== phase" not in out.stdout and len(out.stderr.strip().splitlines()) == 1
 

@@ -105,7 +105,7 @@ class Run:
                                           daemon=not workers)
         self.process.start()
 
-    def wait_for(self, condition, timeout=120):
+    def wait_for(self, condition, timeout=300):
         """Polls `condition` until it holds (True) or the process has ended (False)."""
         deadline = time.monotonic() + timeout
         while self.process.is_alive() and time.monotonic() < deadline:
@@ -125,7 +125,7 @@ class Run:
         """As a scheduler or a shell stops a job: every process of the group, the data workers too."""
         os.killpg(self.process.pid, signum)
 
-    def finish(self, timeout=120):
+    def finish(self, timeout=300):
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
@@ -241,7 +241,7 @@ def test_a_process_exits_with_a_data_loader_still_alive():
               "start_workers\n"
               "loader = DataLoader(range(100), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals)\n"
               "alive = start_workers(loader); next(alive); print('done', flush=True)\n")
-    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "done" in run.stdout and "Traceback" not in run.stderr, run.stderr
 
 
@@ -268,7 +268,7 @@ def free_port():
 def test_ddp_rank_failure_ends_every_rank_without_a_hang(tiny_cfg, tmp_path, launcher):
     """Rank 1 raises at step 2 while rank 0 waits for it in an all-reduce: both exit non-zero, promptly.
     `processes`: two plain processes, so rank 0 must end by itself (no agent stops it)."""
-    args, timeout = cli_args(tiny_cfg, max_steps=6, batch_size=4), 120
+    args, timeout = cli_args(tiny_cfg, max_steps=6, batch_size=4), 300
     if launcher == "processes":
         env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         runs = [Run(args, tmp_path / f"rank{r}.txt", dict(env, RANK=str(r), LOCAL_RANK=str(r)), fail_at=(1, 2))
@@ -302,12 +302,12 @@ def test_sigterm_to_a_torchrun_job_saves_on_every_rank_then_resumes(tiny_cfg, tm
     job = subprocess.Popen([*torchrun, str(script), *cli_args(cfg)], cwd=REPO, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ranks = [Path(f"{tmp_path}/rank{r}.txt") for r in (0, 1)]
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while not all(Path(f"{log}.held").exists() for log in ranks):  # both ranks hold before step 3's update
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
         time.sleep(0.01)
     os.killpg(job.pid, signal.SIGTERM)
-    agent_output = job.communicate(timeout=120)[0]
+    agent_output = job.communicate(timeout=300)[0]
     assert job.returncode != 0, agent_output[-3000:]
     for log in ranks:
         assert "stopped by SIGTERM at step 3" in log.read_text(), log.read_text()[-3000:]
