@@ -33,6 +33,14 @@ def loss_of(model, batch, dtype=None):
         return model(**batch).loss.float()
 
 
+def assert_losses_close(got, expected):
+    """Two runs' logged (step, loss) pairs: the same steps, each loss within 2% (bf16's noise: kernels fused
+    differently round differently)."""
+    assert [s for s, _ in got] == [s for s, _ in expected]
+    for (_, a), (_, b) in zip(got, expected):
+        assert abs(a - b) / b < 2e-2, (got, expected)
+
+
 def test_bf16_loss_is_close_to_fp32(cuda_cfg, tiny_batch):
     """Frozen weights in bf16 and bf16 autocast (what training does on a GPU) within 2% of full fp32."""
     model = VLM.from_config(cuda_cfg).cuda().eval()
@@ -62,9 +70,7 @@ def test_compiled_training_evaluates_between_steps_like_eager(cuda_cfg):
         return main.train(dataclasses.replace(cuda_cfg, compile=compile, max_steps=6, eval_every=2, batch_size=4,
                                               grad_accum=2, out_dir=str(out)))
     compiled, eager = run(True, cuda_cfg.out_dir + "_compiled"), run(False, cuda_cfg.out_dir + "_eager")
-    assert [s for s, _ in compiled["losses"]] == [s for s, _ in eager["losses"]]
-    for (_, a), (_, b) in zip(compiled["losses"], eager["losses"]):
-        assert abs(a - b) / b < 2e-2, (compiled["losses"], eager["losses"])
+    assert_losses_close(compiled["losses"], eager["losses"])
     assert abs(compiled["val_loss"] - eager["val_loss"]) / eager["val_loss"] < 2e-2
 
 
@@ -218,5 +224,4 @@ def test_the_compiled_full_phase_trains_like_eager_and_compiles_once(cuda_cfg, o
     graphs = []
     eager, compiled = run(False), run(True, graphs)
     assert graphs[0] > 0 and graphs == graphs[:1] * 6, graphs
-    for (_, a), (_, b) in zip(compiled, eager):
-        assert abs(a - b) / b < 2e-2, (compiled, eager)
+    assert_losses_close(compiled, eager)
