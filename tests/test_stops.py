@@ -8,6 +8,7 @@ server that has imported main once: `python main.py` would pay the ~15 s import 
 launch and restart.
 """
 import dataclasses
+import faulthandler
 import json
 import multiprocessing
 import os
@@ -63,14 +64,19 @@ def _at_nth(point, n, action):
 
 
 def _hold(marker):
-    """Tell the test where we are (the marker file), then wait for its signal. SIGKILL ends us here; SIGTERM
-    and SIGINT are blocked before the marker appears, so none is lost, then re-raised for the run's handler."""
-    stops = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    """Tell the test where we are (the marker file), then wait for its signal. SIGKILL ends us here; SIGTERM and
+    SIGINT are caught from before the marker appears, so none is lost, then re-raised for the run's handler. (Not
+    a sigwait with the signals blocked: blocked in this thread only, the kernel gives one to another thread, a
+    data loader's queue thread, and the wait never ends. A Python handler runs here whichever thread got it.)"""
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     Path(marker).touch()
-    received = signal.sigwait(stops)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-    signal.raise_signal(received)
+    while not received:
+        time.sleep(0.001)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    signal.raise_signal(received[0])
 
 
 def _child(argv, log, env, fail_at=None, pause_at=None):
@@ -84,6 +90,7 @@ def _child(argv, log, env, fail_at=None, pause_at=None):
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     sys.stdout.reconfigure(line_buffering=True)  # like python -u: a killed run's log is complete
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung run's stacks (finish), its workers' too
     os.environ.update(env)
     if fail_at:
         def fail():
@@ -128,12 +135,14 @@ class Run:
     def finish(self, timeout=300):
         self.process.join(timeout)
         if self.process.is_alive():
+            os.killpg(self.process.pid, signal.SIGUSR1)  # every process of the run prints its stacks to the log
+            time.sleep(2)
             self.process.kill()
-            pytest.fail(f"still running after {timeout}s:\n{self.output()}")
+            pytest.fail(f"still running after {timeout}s:\n{self.output(tail=20_000)}")
         return self.process.exitcode
 
-    def output(self):
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+    def output(self, tail=3000):
+        return self.log.read_text(errors="replace")[-tail:] if self.log.exists() else ""
 
 
 def newest(out_dir):
