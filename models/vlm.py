@@ -82,6 +82,7 @@ class VLM(nn.Module):
         self.end_of_turn_id = end_of_turn_id(tokenizer)  # where generation stops, as training's labels do
         self.n_image_tokens = n_image_tokens(cfg)
         self.max_sample_len = self.n_image_tokens + cfg.max_text_tokens  # the longest sample a packed row holds
+        self.cuda_graphs = False  # training/speed.compile_blocks sets it when its blocks replay as CUDA graphs
         self.projector = Projector(vision.hidden_size, lm.config.hidden_size, cfg.projector_hidden_dim,
                                    cfg.pixel_unshuffle)
         self.vision.requires_grad_(False)
@@ -185,8 +186,10 @@ class VLM(nn.Module):
         (generation, or hand-built batches: right padding is never looked at). label_index: the flat positions whose
         next token is trained (models.prompt.label_positions), from the collator.
         Under CUDA graphs (training/speed.py), each forward starts a new step: the graphs may reuse the memory of the
-        previous forward's activations, so its backward must have run (or its outputs been read) by then."""
-        torch.compiler.cudagraph_mark_step_begin()
+        previous forward's activations, so its backward must have run (or its outputs been read) by then. (Only
+        then: the call imports torch's compiler, 4 s in a process that never compiles.)"""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         embeds = self.embed(input_ids, pixel_values)
         packed = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens, max_seqlen=self.max_sample_len)
         hidden = self.lm.base_model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False,

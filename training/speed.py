@@ -29,7 +29,8 @@ import torch
 
 
 def compile_blocks(model, cuda_graphs=True):
-    """torch.compile the vision tower(s), the projector and each LM layer of `model` (a VLM), in place."""
+    """torch.compile the vision tower(s), the projector and each LM layer of `model` (a VLM), in place, and tell
+    the model whether they replay as CUDA graphs."""
     if model.cfg.gradient_checkpointing and model.cfg.phase == "projector":
         # the frozen LM's layers recompute in the backward: CUDA graph trees fail to record that ("an input tensor
         # deallocate during graph recording", torch 2.11); plain compile gives eager's gradients (H200, one step
@@ -40,6 +41,7 @@ def compile_blocks(model, cuda_graphs=True):
         block.compile(dynamic=None, mode=mode)  # None: the dims marked dynamic are, the rest static
     for layer in model.lm.base_model.layers:
         layer.compile(dynamic=False, mode=mode)
+    model.cuda_graphs = cuda_graphs  # each forward then starts a new CUDA-graph step (VLM.forward)
 
 
 def prepare(model, cfg, device, world):
