@@ -27,6 +27,7 @@ def flop_counter(model):
     LM (frozen: forward, plus backward  4 * P_lm * T + 12 * L * T^2 * D            per sample of T tokens
         to the activations only):       + 6 * P_lora * T  (adapters get weight gradients too)
     LM head (label positions only):     4 * V * D                                   per label token
+    The full phase trains the LM and its head: their weight gradients add 2 * P_lm * T and 2 * V * D.
     """
     lm, n_patches = model.lm.config, model.vision.n_patches  # class/register tokens left out: a rounding error
     p_vision, _ = matmul_params(model.vision)
@@ -36,8 +37,9 @@ def flop_counter(model):
     p_lm, p_lora = matmul_params(model.lm.base_model)
     per_image = 2 * p_vision * n_patches + 4 * attention * n_patches ** 2 \
         + (4 * p_gate_up + 6 * p_down) * model.n_image_tokens
-    per_token, per_token_pair = 4 * p_lm + 6 * p_lora, 12 * lm.num_hidden_layers * lm.hidden_size
-    per_label = 4 * lm.vocab_size * lm.hidden_size
+    passes = 6 if model.cfg.phase == "full" else 4  # forward, gradient to the activations, (to the weights)
+    per_token, per_token_pair = passes * p_lm + 6 * p_lora, 12 * lm.num_hidden_layers * lm.hidden_size
+    per_label = passes * lm.vocab_size * lm.hidden_size
 
     def flops(lengths, n_label_tokens, n_images):  # text-only samples have no image
         return sum(per_token * T + per_token_pair * T * T for T in lengths) + per_image * n_images \
