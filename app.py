@@ -6,10 +6,10 @@ appear token by token, or chat about the image (each answer reads the conversati
 
 The page also offers the demo's held-out sample images (demo.py writes them to checkpoints/demo/samples).
 """
-import argparse
 import sys
 from pathlib import Path
 
+from models.config import FlagParser
 from models.prompt import DEFAULT_PROMPT, IMAGE_TOKEN
 
 MAX_FILE_BYTES = 20 * 2**20
@@ -17,7 +17,7 @@ MAX_PIXELS = 50_000_000  # decoding more would take seconds and gigabytes, and t
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Serve a local page that captions images with a tinyvlm checkpoint.")
+    p = FlagParser(description="Serve a local page that captions images with a tinyvlm checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run's out_dir (its newest step)")
     p.add_argument("--examples", default="checkpoints/demo/samples", help="a folder of images the page offers")
     p.add_argument("--port", type=int, default=7860)

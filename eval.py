@@ -15,13 +15,14 @@ The JSON (--out) goes into the checkpoint dir by default: eval_val.json or eval_
 data, eval_all-<the first 8 hex digits of the data's sha256>.json for another data set, so scoring a test set never
 overwrites the result on the training data.
 """
-import argparse
 import sys
 from pathlib import Path
 
+from models.config import FlagParser
+
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Score a tinyvlm checkpoint's captions: CIDEr, BLEU-4, ROUGE-L, exact match.")
+    p = FlagParser(description="Score a tinyvlm checkpoint's captions: CIDEr, BLEU-4, ROUGE-L, exact match.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run's out_dir (its newest step)")
     p.add_argument("--data_dir", required=True, help="LLaVA-format data: chat.json with images.zip or images/")
     p.add_argument("--chat_json", default="", help="a LLaVA json to score instead of data_dir/chat.json (e.g. "

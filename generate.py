@@ -10,18 +10,18 @@ stderr, the others are still captioned, and the exit code is 1.
 checkpoint that needs no adapters (its lm/ folder is a plain transformers model). It writes a new or empty folder, or replaces a previous export: a folder
 whose config.json names lm_model "lm" and that holds lm/ (what an export writes); any other folder is refused.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from models.config import FlagParser
 from models.prompt import DEFAULT_PROMPT
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # what a folder is read for
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Caption images with a tinyvlm checkpoint.")
+    p = FlagParser(description="Caption images with a tinyvlm checkpoint.")
     p.add_argument("images", nargs="*", help="image files (any format and mode Pillow reads) or folders of them")
     p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run's out_dir (its newest step)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)

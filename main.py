@@ -8,13 +8,15 @@
 """
 import sys
 
+from data.download import DataError, check_data_dir
 from models.config import ConfigError, VLMConfig, parse_or_exit
 from models.hub import HubError, check_reachable
 
-if __name__ == "__main__":  # --help, typos, bad values and an unreachable hub answer now, before the slow imports
-    try:
-        check_reachable(parse_or_exit(sys.argv[1:], prog="main.py", description=__doc__.splitlines()[0]).validate())
-    except (ConfigError, HubError) as e:
+if __name__ == "__main__":  # --help, typos, bad values, a user's bad data and an unreachable hub answer now, before
+    try:                    # the slow imports
+        check_reachable(check_data_dir(
+            parse_or_exit(sys.argv[1:], prog="main.py", description=__doc__.splitlines()[0]).validate()))
+    except (ConfigError, DataError, HubError) as e:
         sys.exit(f"error: {e}")
 
 import os  # noqa: E402
@@ -28,7 +30,6 @@ import transformers  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.download import DataError  # noqa: E402
 from data.llava import SkipTally, start_workers, steps_of_micro_batches  # noqa: E402
 from data.loading import build_data, open_data  # noqa: E402
 from data.packing import to_device  # noqa: E402
@@ -158,10 +159,9 @@ def train(cfg: VLMConfig):
                         raise RuntimeError(non_finite_advice(cfg, step, path))
                 if cfg.val_size and (step % cfg.eval_every == 0 or done):
                     result.update(validate(model, val_loader, cfg, step, done, rank, device, autocast, reporter))
-                if step % cfg.eval_every == 0 or done:
+                stopping = stop.agreed()
+                if step % cfg.eval_every == 0 or done or stopping:  # a stopped run draws its curves too
                     reporter.plot_curves()
-
-                stopping = stop.agreed(device)
                 if step % cfg.save_every == 0 or done or stopping:
                     state.update(non_finite.state_dict(), data=tally.state_dict())
                     result["checkpoint"] = checkpoint.save(cfg.out_dir, model, optimizer, scheduler, state, rank,
@@ -170,6 +170,8 @@ def train(cfg: VLMConfig):
                     break
         reporter.close()
         report_data(reporter, cfg, *skips, min_seen)
+        if result["checkpoint"] != resume_from:  # (a finished run that is run again trains and saves nothing)
+            reporter.print(f"saved {result['checkpoint']}")
         if stopping:
             raise Stopped(signal.Signals(stopping), state["step"], result["checkpoint"])
         return {**result, "model": model, "step": state["step"], "skipped": dict(skips[1]), "truncated": skips[2]}

@@ -1,4 +1,8 @@
-"""Find LLaVA-CC3M on disk, or download chat.json and images.zip from the hub (resumable)."""
+"""Find LLaVA-CC3M on disk, or download chat.json and images.zip from the hub (resumable).
+
+Nothing heavy is imported here: main.py checks a user's data with it before it imports torch.
+"""
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -15,16 +19,58 @@ def is_complete(root):
     return (root / "chat.json").is_file() and ((root / "images.zip").is_file() or (root / "images").is_dir())
 
 
+def data_root(cfg):
+    """The folder of the images (and of chat.json, unless cfg.chat_json names it): data_dir, or the cache's copy."""
+    return Path(cfg.data_dir or Path(cfg.cache_dir) / cfg.dataset.replace("/", "--")).expanduser()
+
+
+def chat_json_path(cfg):
+    return Path(cfg.chat_json).expanduser() if cfg.chat_json else data_root(cfg) / "chat.json"
+
+
+def check_data_dir(cfg):
+    """A user's data (--data_dir, --chat_json) is there and chat.json starts like a JSON array of records: cheap
+    (no torch, chat.json's first bytes only), so main.py says a mistake before its slow imports. Returns cfg."""
+    if cfg.data_dir:
+        if not cfg.chat_json and not is_complete(data_root(cfg)):
+            raise DataError(f"data_dir {data_root(cfg)} must hold chat.json and images.zip (or an images/ folder)")
+        check_chat_json_start(chat_json_path(cfg))
+    return cfg
+
+
+HEAD_BYTES = 4096
+
+
+def check_chat_json_start(chat_json):
+    """chat.json opens a JSON array with something in it; load_records parses the whole file later."""
+    with open(chat_json, "rb") as f:
+        head = f.read(HEAD_BYTES).decode("utf-8", errors="replace").lstrip()
+    empty = not head or head[1:].lstrip().startswith("]")  # an empty file, or []
+    if empty or not head.startswith("["):
+        raise not_records(chat_json, empty)
+
+
+def not_records(chat_json, empty):
+    """The error of a chat.json that is no JSON array of records (load_records and check_chat_json_start)."""
+    return DataError(f"{chat_json} must hold a JSON array of LLaVA records" + (", and it is empty" if empty else ""))
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def ensure_dataset(cfg):
     """Return the folder holding chat.json and the images, downloading into the cache if needed. With
     cfg.chat_json (an instruction file such as llava_v1_5_mix665k.json), data_dir is the folder its image
     paths are relative to (coco/train2017/000000033471.jpg, gqa/images/..., ...)."""
+    root = data_root(cfg)
     if cfg.data_dir:
-        root = Path(cfg.data_dir).expanduser()
-        if not cfg.chat_json and not is_complete(root):
-            raise DataError(f"data_dir {root} must hold chat.json and images.zip (or an images/ folder)")
+        check_data_dir(cfg)
         return root
-    root = Path(cfg.cache_dir).expanduser() / cfg.dataset.replace("/", "--")
     if is_complete(root):
         return root
     if not hub_reachable():

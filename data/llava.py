@@ -8,7 +8,6 @@ DataLoader worker processes. A record that cannot be used comes back as {"skip":
 dropped (and counted) by the collator (data/packing.py), so one bad JPEG never ends a run.
 """
 import atexit
-import hashlib
 import io
 import json
 import multiprocessing
@@ -24,7 +23,7 @@ import torch
 from datasets import Dataset
 from PIL import Image, ImageOps
 
-from data.download import DataError
+from data.download import DataError, file_sha256, not_records
 from models.prompt import SampleError, encode, encoded_length, to_messages, trained_turns
 from models.vision import image_pixels
 
@@ -40,7 +39,7 @@ def load_records(chat_json):
     except json.JSONDecodeError as e:
         raise DataError(f"{chat_json} is not valid JSON ({e}): a truncated download or copy?") from None
     if not isinstance(raw, list) or not raw:
-        raise DataError(f"{chat_json} must hold a JSON array of LLaVA records" + (", and it is empty" if raw == [] else ""))
+        raise not_records(chat_json, empty=raw == [])
     return Dataset.from_dict({"record": [json.dumps(r) for r in raw]})
 
 
@@ -48,11 +47,7 @@ def data_identity(chat_json, n_records):
     """What a checkpoint records of its training data: eval.py compares it to tell the checkpoint's own data
     (where --split val means something) from another data set. The hash is of the file's bytes, so a moved copy
     is still the same data."""
-    digest = hashlib.sha256()
-    with open(chat_json, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return {"chat_json": str(Path(chat_json).resolve()), "sha256": digest.hexdigest(), "records": n_records}
+    return {"chat_json": str(Path(chat_json).resolve()), "sha256": file_sha256(chat_json), "records": n_records}
 
 
 SPLIT_SEED = 0  # the validation split is a property of the data set: every run on it, any --seed, holds out the same

@@ -265,8 +265,30 @@ def _unknown_message(arg):
     if not arg.startswith("--"):
         return f"unexpected argument {arg!r}; flags look like --lora_lr 1e-3"
     name = arg[2:].split("=", 1)[0]
-    names = [f.name for f in fields(VLMConfig)]
+    close = closest_flags(name, [f.name for f in fields(VLMConfig)])
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see --help for every field"
+    return f"unknown config field --{name}{hint}"
+
+
+def closest_flags(name, names):
+    """The flags (--name) among `names` (without dashes) that a mistyped `name` most likely meant."""
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     close += [n for n in names if n not in close and name in n.split("_")]  # --lr: projector_lr, lora_lr
-    hint = f"; did you mean {', '.join('--' + n for n in close)}?" if close else "; see --help for every field"
-    return f"unknown config field --{name}{hint}"
+    return ["--" + n for n in close]
+
+
+class FlagParser(argparse.ArgumentParser):
+    """The parser of a script's own flags (generate.py, eval.py, app.py, ...): an unknown flag names the closest
+    ones, as main.py's do, and is said before any other mistake (a mistyped required flag, --chekpoint, would
+    otherwise read as a missing --checkpoint)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        flags = [option[2:] for action in self._actions for option in action.option_strings if option[:2] == "--"]
+        for arg in args[:args.index("--")] if "--" in args else args:
+            name = arg[2:].split("=", 1)[0]
+            abbreviates = self.allow_abbrev and any(f.startswith(name) for f in flags)  # --check: --checkpoint
+            if arg[:2] == "--" and name not in flags and not abbreviates:
+                close = closest_flags(name, flags)
+                self.error(f"unknown flag --{name}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        return super().parse_known_args(args, namespace)

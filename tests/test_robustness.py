@@ -450,12 +450,14 @@ def test_a_new_run_refuses_an_out_dir_that_holds_another_and_deletes_nothing(tin
     main.train(first)
     before = {p.name: (p / WEIGHTS).read_bytes() for p in Path(first.out_dir).glob("step_*")}
     log = (Path(first.out_dir) / "log.jsonl").read_text()
+    (Path(first.out_dir) / ".lock").write_text("pid 4242\n")  # as the first run, in a process of its own, left it
     forbid_loading(monkeypatch)
     with pytest.raises(ConfigError, match=r"holds another run \(step_00000003, step_00000004, log.jsonl\).*"
                                           r"leave out --resume false.*new --out_dir.*--init_from"):
         main.train(dataclasses.replace(first, max_steps=2, projector_lr=3e-3, resume=False))
     assert {p.name: (p / WEIGHTS).read_bytes() for p in Path(first.out_dir).glob("step_*")} == before
     assert (Path(first.out_dir) / "log.jsonl").read_text() == log
+    assert (Path(first.out_dir) / ".lock").read_text() == "pid 4242\n"  # the refused run wrote nothing, there either
 
 
 def test_rotation_removes_only_checkpoints_of_the_run_that_saves(tiny_cfg, tmp_path):
@@ -471,6 +473,23 @@ def test_rotation_removes_only_checkpoints_of_the_run_that_saves(tiny_cfg, tmp_p
     assert steps_saved(out) == [2, 3, 80, 90]
     assert checkpoint.run_info(out / "step_00000003")["run_id"] == "mine"
     assert oct((out / "step_00000003" / WEIGHTS).stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+
+
+@pytest.mark.parametrize("damage", ["emptied", "missing"])
+def test_resume_passes_over_an_incomplete_newest_checkpoint_and_says_so(tiny_cfg, damage):
+    """A power loss after the rename can leave the newest checkpoint's files empty (or gone), with the older ones
+    already rotated away: resuming takes the one before it, warns naming it, and saves its step again."""
+    cfg = dataclasses.replace(tiny_cfg, max_steps=3, save_every=1, keep_last=2)
+    main.train(cfg)
+    out, broken = Path(cfg.out_dir), Path(cfg.out_dir) / "step_00000003"
+    for f in broken.iterdir():
+        f.write_bytes(b"") if damage == "emptied" else f.unlink() if f.name == "train_state.pt" else None
+    why = "empty config.json, rng_0.pt, run.json" if damage == "emptied" else "no train_state.pt"
+    with pytest.warns(UserWarning, match=f"skipping checkpoint {broken}: {why}"):
+        assert checkpoint.newest(out) == out / "step_00000002"
+    with pytest.warns(UserWarning, match=f"skipping checkpoint {broken}"):
+        assert main.train(cfg)["checkpoint"] == broken
+    assert steps_saved(out) == [2, 3] and not checkpoint.incomplete(broken)
 
 
 def current_umask():
@@ -558,6 +577,34 @@ def test_a_bad_flag_is_named_before_the_hub_or_any_training(tmp_path, script, fl
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and message in out.stderr and "Hub" not in out.stderr, out.stderr
     assert "== phase" not in out.stdout and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_data_dir_is_named_before_torch_is_imported(tiny_assets, tmp_path):
+    """A data mistake was said 12-39 s in, after the imports of torch and transformers, where a flag's mistake
+    takes under a second: main.py checks a user's data before them."""
+    empty = shutil.copytree(tiny_assets.data_dir, tmp_path / "empty")
+    (empty / "chat.json").write_text("")
+    message = f"{empty / 'chat.json'} must hold a JSON array of LLaVA records, and it is empty"
+    check = ("import sys; from data.download import DataError, check_data_dir; from models.config import VLMConfig\n"
+             f"try:\n    check_data_dir(VLMConfig(data_dir={str(empty)!r}))\nexcept DataError as e:\n    print(e)\n"
+             "assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == message + "\n", out.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # its default backbones: no hub
+    out = subprocess.run([sys.executable, "main.py", "--data_dir", str(empty), "--out_dir", str(tmp_path / "run")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("generate.py", ["--chekpoint", "ckpt", "photo.jpg"], "unknown flag --chekpoint; did you mean --checkpoint?"),
+    ("eval.py", ["--checkpoint", "ckpt", "--data-dir", "data"], "unknown flag --data-dir; did you mean --data_dir?"),
+    ("app.py", ["--checkpoint", "ckpt", "--prot", "8000"], "unknown flag --prot; did you mean --port?"),
+])
+def test_a_scripts_unknown_flag_names_the_closest_one(script, flags, message):
+    """generate.py --chekpoint said only that --checkpoint was missing; main.py's flags named the closest."""
+    out = subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.endswith(f"error: {message}\n"), out.stderr
 
 
 # ============================================================================ what the log and the result say

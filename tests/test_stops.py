@@ -266,6 +266,46 @@ def test_a_second_ctrl_c_stops_at_once(capsys):
     assert "SIGTERM: finishing this step, saving, then exiting" in capsys.readouterr().out
 
 
+def test_a_stopped_run_draws_its_curves_and_every_run_names_its_last_checkpoint(tiny_cfg, capsys, on_optimizer_step):
+    """README: every run draws curves.png, and a stopped one drew none; a run now ends naming what it saved."""
+    cfg = dataclasses.replace(tiny_cfg, max_steps=4)
+    out, steps = Path(cfg.out_dir), []
+
+    def stop_at_the_second_step(optimizer):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    on_optimizer_step(stop_at_the_second_step)
+    with pytest.raises(main.Stopped):
+        main.train(cfg)
+    assert (out / "curves.png").is_file() and f"saved {out / 'step_00000002'}" in capsys.readouterr().out
+    (out / "curves.png").unlink()
+    main.train(cfg)
+    assert (out / "curves.png").is_file()
+    assert capsys.readouterr().out.rstrip().endswith(f"saved {out / 'step_00000004'}")
+
+
+def test_ranks_agree_on_a_stop_on_the_host(monkeypatch):
+    """Under DDP the ranks agree on a stop every step: over a CPU (gloo) group, where an all-reduce on the GPUs'
+    group, read on the host, made the host wait for the GPU every step."""
+    reduced, all_reduce = [], torch.distributed.all_reduce
+
+    def spy(tensor, op, group):
+        reduced.append((tensor.device.type, torch.distributed.get_backend(group)))
+        return all_reduce(tensor, op, group=group)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    monkeypatch.setattr(torch.distributed, "all_reduce", spy)
+    try:
+        with main.StopRequest() as stop:
+            assert stop.agreed() == 0
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.agreed() == signal.SIGTERM
+    finally:
+        monkeypatch.undo()
+        torch.distributed.destroy_process_group()
+    assert reduced == [("cpu", "gloo")] * 2
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

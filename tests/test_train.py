@@ -4,6 +4,7 @@ import gc
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -232,6 +233,25 @@ def test_resume_with_other_settings_stops_naming_each_field(tiny_cfg, monkeypatc
         assert text in str(e.value)
     monkeypatch.undo()
     assert main.train(dataclasses.replace(tiny_cfg, max_steps=2, log_every=5))["step"] == 2
+
+
+def test_resume_on_data_edited_in_place_stops_before_loading(tiny_cfg, tmp_path, monkeypatch):
+    """chat.json changed in place (same path, other bytes) resumed with another split and order: it stops before
+    anything loads, naming the data and the ways out. A checkpoint without run.json (older) resumes as before."""
+    data = Path(shutil.copytree(tiny_cfg.data_dir, tmp_path / "data"))
+    cfg = dataclasses.replace(tiny_cfg, data_dir=str(data), max_steps=2)
+    main.train(cfg)
+    records = json.loads((data / "chat.json").read_text())
+    (data / "chat.json").write_text(json.dumps(records[:-1]))
+    monkeypatch.setattr(main, "build_model", lambda *a: pytest.fail("loaded a model before refusing"))
+    with pytest.raises(main.ConfigError) as e:
+        main.train(cfg)
+    for text in (f"data: {data / 'chat.json'} (sha256 ", " in the checkpoint, ", "split and order",
+                 "--resume false in a new --out_dir", f"--init_from {cfg.out_dir}"):
+        assert text in str(e.value)
+    monkeypatch.undo()
+    (Path(cfg.out_dir) / "step_00000002" / "run.json").unlink()  # as an older tinyvlm saved it
+    assert main.train(cfg)["step"] == 2
 
 
 @pytest.mark.parametrize("phase, expected", [("projector", 1e-3), ("lora", 2e-5)])

@@ -13,10 +13,9 @@ accuracy on the held-out split (greedy decoding vs the reference) and the held-o
 and as out_dir/results.json. Rerunning the same command skips the settings already in results.json, so a
 sweep cut short (a job time limit) goes on where it stopped; any grid flags may differ between the runs.
 """
-import argparse
 import sys
 
-from models.config import parse_bool
+from models.config import FlagParser, parse_bool
 
 GRID = {"lora_lr": [2e-4, 1e-3, 3e-3], "lora_r": [16], "lora_dropout": [0.0, 0.05], "warmup_frac": [0.03],
         "lora_vision": [False, True]}
@@ -24,7 +23,7 @@ TYPES = {"lora_lr": float, "lora_r": int, "lora_dropout": float, "warmup_frac": 
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m tools.sweep", description=__doc__.splitlines()[0])
+    parser = FlagParser(prog="python -m tools.sweep", description=__doc__.splitlines()[0])
     for axis, values in GRID.items():
         parser.add_argument(f"--{axis}", type=lambda text, t=TYPES[axis]: [t(v) for v in text.split(",")],
                             help=f"comma-separated values (default: {','.join(map(str, values))})")

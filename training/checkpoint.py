@@ -7,6 +7,9 @@ A checkpoint is a directory, out_dir/step_XXXXXXXX/ for a training run:
     train_state.pt           optimizer, scheduler, step, data and non-finite counts (training runs only)
     rng_<rank>.pt            each rank's RNG state (dropout differs per rank)
 
+Every file and the folder reach the disk before the rename that makes a checkpoint, and resuming passes over one
+that is incomplete all the same (a disk or file system that reorders writes): see newest().
+
 An out_dir holds one run: a new run into a used out_dir stops before any slow work (OutDir), and rotation only
 ever removes checkpoints of the run that is saving.
 """
@@ -16,6 +19,7 @@ import os
 import random
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ import torch.distributed as dist
 import safetensors.torch
 from safetensors.torch import load_file
 
+from data.download import chat_json_path, file_sha256
 from models.config import ConfigError, VLMConfig
 from models.vlm import VLM
 
@@ -53,9 +58,25 @@ def resolve(path):
 
 
 def newest(out_dir):
-    """The newest checkpoint of a run, or None."""
-    steps = sorted(Path(out_dir).glob("step_*"))
-    return steps[-1] if steps else None
+    """The newest complete checkpoint of a run, or None. An incomplete one (a power loss while it was saved) is
+    passed over with a warning: the run resumes from the one before, and saves that step again."""
+    for path in sorted(Path(out_dir).glob("step_*"), reverse=True):
+        if not (why := incomplete(path)):
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {why} (cut short while it was saved?); resuming from the one "
+                      "before it", stacklevel=2)
+    return None
+
+
+REQUIRED = ("config.json", WEIGHTS, "train_state.pt", "rng_0.pt")
+
+
+def incomplete(path):
+    """Why a checkpoint cannot be resumed from, or "": a file it needs is missing, or one of its files is empty (as
+    a crash after the rename can leave a file whose data never reached the disk). Names and sizes only: cheap."""
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    empty = sorted(p.name for p in path.iterdir() if p.is_file() and p.stat().st_size == 0)
+    return "; ".join(filter(None, [missing and f"no {', '.join(missing)}", empty and f"empty {', '.join(empty)}"]))
 
 
 # ----------------------------------------------------------------------------- one run per out_dir
@@ -72,7 +93,7 @@ class OutDir:
             return self
         out = Path(self.cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.lock = open(out / ".lock", "a+")
+        self.lock = open(out / ".lock", "a+")  # (a+: opening it changes nothing in it)
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -80,15 +101,15 @@ class OutDir:
             holder, self.lock = self.lock.read().strip(), self.lock.close()
             raise ConfigError(f"another training ({holder or 'a process'}) is writing to {out}; wait for it to end, "
                               "or pass another --out_dir") from None
-        self.lock.truncate(0)
-        self.lock.write(f"pid {os.getpid()}\n")
-        self.lock.flush()
         used = sorted(p.name for p in out.glob("step_*")) + [p.name for p in [out / "log.jsonl"] if p.exists()]
-        if used and not self.cfg.resume:
+        if used and not self.cfg.resume:  # refused before the pid goes in: the folder stays as its run left it
             self.__exit__()
             raise ConfigError(f"{out} holds another run ({', '.join(used)}), and --resume false would start a new "
                               f"one there. Resume it (leave out --resume false), train into a new --out_dir (with "
                               f"--init_from {out} to start from its weights), or delete {out} first.")
+        self.lock.truncate(0)
+        self.lock.write(f"pid {os.getpid()}\n")
+        self.lock.flush()
         return self
 
     def __exit__(self, *exc):
@@ -126,18 +147,32 @@ def check_init_from(cfg):
 
 def check_resume(cfg, path, world):
     """Resuming continues the same run: a changed field that alters the math (learning rates, batch, schedule,
-    phase, LoRA shape, backbones, data, ...) or another number of processes (the global batch) stops it here,
-    before any slow work."""
+    phase, LoRA shape, backbones, ...), other data (chat.json's bytes: another split and order) or another number
+    of processes (the global batch) stops it here, before any slow work."""
     saved = VLMConfig.load(Path(path) / "config.json")
     changed = [f"  --{name}: {getattr(saved, name)!r} in the checkpoint, {getattr(cfg, name)!r} now"
                for name in cfg.to_dict() if name not in RESUMABLE_CHANGES and getattr(saved, name) != getattr(cfg, name)]
+    changed += changed_data(cfg, run_info(path).get("data"))
     saved_world = len(list(Path(path).glob("rng_*.pt")))  # one per rank
     if saved_world != world:
         changed.append(f"  processes (GPUs): {saved_world} in the checkpoint, {world} now")
     if changed:
         raise ConfigError(f"{cfg.out_dir} holds a run with other settings ({path}); resuming it would mix them:\n"
-                          + "\n".join(changed) + "\nStart over with --resume false, or train in a new --out_dir "
-                          f"(with --init_from {cfg.out_dir} to start from its weights).")
+                          + "\n".join(changed) + "\nStart over with --resume false in a new --out_dir (with "
+                          f"--init_from {cfg.out_dir} to start from its weights).")
+
+
+def changed_data(cfg, trained_on):
+    """[a line saying how] if this run's chat.json is not the bytes the checkpoint trained on (its run.json's
+    data_identity), else []. A checkpoint without run.json (older), or data not downloaded yet, is not compared."""
+    chat_json = chat_json_path(cfg)
+    if not trained_on or not chat_json.is_file():
+        return []
+    sha256 = file_sha256(chat_json)
+    if sha256 == trained_on["sha256"]:  # the same bytes, wherever they are now
+        return []
+    return [f"  data: {trained_on['chat_json']} (sha256 {trained_on['sha256'][:12]}) in the checkpoint, {chat_json} "
+            f"(sha256 {sha256[:12]}) now: its split and order would differ"]
 
 
 # ----------------------------------------------------------------------------- weights: config + trainable
@@ -194,10 +229,21 @@ def barrier():
         dist.barrier()
 
 
+def fsync(path):
+    """Flushes a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(out_dir, model, optimizer, scheduler, state, rank, keep_last):
-    """Every rank writes its RNG and data counts, rank 0 the rest. Written into a temp dir, then renamed: a crash
-    mid-save leaves the previous checkpoint intact. Then all but the newest keep_last checkpoints of this run
-    (state["run_id"]) are removed; another run's are never touched. Returns the checkpoint's path."""
+    """Every rank writes its RNG and data counts, rank 0 the rest. Written into a temp dir, each file and the dir
+    flushed to the disk, then renamed (and the rename flushed): a crash or power loss mid-save leaves the previous
+    checkpoint intact, and never a renamed one with empty files, with the older ones already rotated away. Then all
+    but the newest keep_last checkpoints of this run (state["run_id"]) are removed; another run's are never
+    touched. Returns the checkpoint's path."""
     out = Path(out_dir)
     final = out / f"step_{state['step']:08d}"
     tmp = out / f".tmp-{final.name}"
@@ -214,9 +260,13 @@ def save(out_dir, model, optimizer, scheduler, state, rank, keep_last):
                     "state": {k: v for k, v in state.items() if k not in ("data", "data_identity")}}, tmp / "train_state.pt")
     barrier()
     if rank == 0:
+        for path in [*tmp.iterdir(), tmp]:  # every rank's files are written (the barrier)
+            fsync(path)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        ours = [p for p in sorted(out.glob("step_*")) if run_info(p).get("run_id") == state["run_id"]]
+        fsync(out)
+        ours = [p for p in sorted(out.glob("step_*"))
+                if not incomplete(p) and run_info(p).get("run_id") == state["run_id"]]
         for old in ours[:-keep_last]:
             shutil.rmtree(old)
     barrier()

@@ -110,8 +110,9 @@ class Reporter:
             self.wandb.log({**metrics, **extra}, step=step)
 
     def plot_curves(self):
-        """Redraws out_dir/curves.png from the whole log.jsonl history (matplotlib is imported only here)."""
-        if not self.quiet:
+        """Redraws out_dir/curves.png from the whole log.jsonl history (matplotlib is imported only here). A run
+        stopped before its first log line has nothing to draw."""
+        if not self.quiet and self.path.exists():
             from training.curves import plot_curves
             plot_curves(self.path, self.path.parent / "curves.png")
 

@@ -4,8 +4,6 @@ import signal
 import torch
 import torch.distributed as dist
 
-from training.distributed import all_reduce
-
 
 class Stopped(Exception):
     """A stop signal's checkpoint is saved. The command exits 128 + the signal's number (130 for SIGINT, 143 for
@@ -22,9 +20,11 @@ class StopRequest:
     """SIGINT/SIGTERM finish the current step, save and stop (Stopped); a second Ctrl-C stops at once."""
 
     def __init__(self):
-        self.requested, self.signum, self.previous = False, 0, {}
+        self.requested, self.signum, self.previous, self.group = False, 0, {}, None
 
     def __enter__(self):
+        if dist.is_initialized():  # every rank enters together (a new group is a collective call)
+            self.group = dist.new_group(backend="gloo")
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self.handle)
         return self
@@ -39,8 +39,12 @@ class StopRequest:
         self.requested, self.signum = True, self.signum or signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, saving, then exiting", flush=True)
 
-    def agreed(self, device):
-        """The signal that stops the run (0: none), the same on every rank: all stop together if any was asked."""
-        if not dist.is_initialized():
+    def agreed(self):
+        """The signal that stops the run (0: none), the same on every rank: all stop together, on the same step, if
+        any was asked. The ranks agree over a CPU (gloo) group: an all-reduce on the GPUs' group, read on the host,
+        made the host wait every step for the GPU to finish the step's queued work."""
+        if self.group is None:
             return self.signum
-        return int(all_reduce(torch.tensor(self.signum, device=device), dist.ReduceOp.MAX))
+        flag = torch.tensor(self.signum)
+        dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
