@@ -179,6 +179,14 @@ def decode_image(data):
         raise SampleError("corrupt_image", type(e).__name__) from None
 
 
+def id_of(text, index):
+    """A record's id (text: its JSON, the index-th record of its file), printable (a lone surrogate escaped); its place
+    in the file when it has none or is no JSON object."""
+    record = json.loads(text)
+    found = record.get("id", f"record #{index}") if isinstance(record, dict) else f"record #{index}"
+    return str(found).encode("utf-8", "backslashreplace").decode()
+
+
 class LlavaDataset(torch.utils.data.Dataset):
     def __init__(self, records, indices, images, tokenizer, processor, n_image_tokens, max_text_tokens,
                  image_fit="resize"):
@@ -195,14 +203,6 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise SampleError("malformed_record", "needs 'conversations' and, if any, an 'image' file name")
         return record
 
-    def record_id(self, i):
-        """Record i's id, printable (a lone surrogate escaped); its place in the file when it has none or is malformed."""
-        try:
-            record_id = self.record(i).get("id", f"record #{self.indices[i]}")
-        except SampleError:
-            record_id = f"record #{self.indices[i]}"
-        return str(record_id).encode("utf-8", "backslashreplace").decode()
-
     def length(self, i):
         """(tokens, None): the tokens record i's sample will take, from its text alone; (0, reason) for a record
         already known to be unusable (its image missing, its text malformed or too long)."""
@@ -217,7 +217,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             return 0, e.reason
 
     def __getitem__(self, i):
-        record_id = self.record_id(i)
+        record_id = id_of(self.records[self.indices[i]]["record"], self.indices[i])
         try:
             record = self.record(i)
             messages = checked_messages(record.get("conversations"))

@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.download import DataError, ensure_dataset
-from data.llava import ImageStore, LlavaDataset, data_identity, ignore_stop_signals, load_records, split_indices
+from data.llava import (ImageStore, LlavaDataset, data_identity, id_of, ignore_stop_signals, load_records,
+                        split_indices)
 from data.packing import Packer, PackedBatchSampler, plan_micro_batches, sample_lengths
 from models.config import ConfigError
 from models.vision import n_image_tokens
@@ -25,7 +26,7 @@ def open_data(cfg, tokenizer, rank, world):
     images = ImageStore(root)
     text = LlavaDataset(records, range(len(records)), images, tokenizer, None, n_image_tokens(cfg), cfg.max_text_tokens)
     lengths, reasons = zip(*sample_lengths(text, cfg.num_workers))
-    unusable = judge_unusable(text, reasons, cfg.max_bad_fraction)
+    unusable = judge_unusable(records, reasons, cfg.max_bad_fraction)
     train_idx, val_idx = ([i for i in split if lengths[i]] for split in split_indices(len(records), cfg.val_size))
     sampler = PackedBatchSampler([lengths[i] for i in train_idx], cfg.batch_size, cfg.batch_tokens, rank, world,
                                  cfg.seed)
@@ -39,7 +40,7 @@ def open_data(cfg, tokenizer, rank, world):
                 val_batches=val_batches, unusable=unusable, identity=data_identity(chat_json, len(records)))
 
 
-def judge_unusable(dataset, reasons, max_bad_fraction):
+def judge_unusable(records, reasons, max_bad_fraction):
     """{reason: count} of the records the length pass found unusable (reasons: one per record, None if usable); a
     DataError naming examples if they are more than max_bad_fraction of the data set. Every record is known here, so
     this is the data set's own share, not an estimate: SkipTally judges only what loading finds later."""
@@ -47,7 +48,7 @@ def judge_unusable(dataset, reasons, max_bad_fraction):
     counts = Counter(reasons[i] for i in bad)
     if len(bad) > max_bad_fraction * len(reasons):
         raise DataError(f"{len(bad)} of {len(reasons)} records are unusable ({dict(counts)}), more than "
-                        f"max_bad_fraction={max_bad_fraction}; for example {[dataset.record_id(i) for i in bad[:5]]}. "
+                        f"max_bad_fraction={max_bad_fraction}; for example {[id_of(records[i]['record'], i) for i in bad[:5]]}. "
                         "Fix the data, or raise --max_bad_fraction")
     return counts
 
