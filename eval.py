@@ -39,7 +39,7 @@ def parse_args(argv):
     p.add_argument("--out", default="", help="the JSON file; default: eval_<split>[-<data id>].json in the checkpoint")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=None,
-                   help=f"DataLoader workers decoding images; default: {DEFAULT_WORKERS}, or this machine's cores if fewer")
+                   help=f"DataLoader workers decoding images; default {DEFAULT_WORKERS}, or the cores here if fewer")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).expanduser().exists():
@@ -200,8 +200,8 @@ def main(argv):
 def overlap_line(seen, n, data, path):
     """How many scored records the checkpoint trained on: scores over them measure recall, not generalisation."""
     if seen is None:
-        return (f"could not check which scored records {path} trained on: the data its run.json names is not here "
-                "(or has changed)")
+        return (f"could not check which scored records {path} trained on: its training data (run.json's) is not on "
+                "this machine with the same sha256, or the checkpoint does not record it")
     line = f"{seen} of the {n} scored records are in the training split of {path} (matched by id)"
     return f"warning: {line}: their scores measure recall, not another data set" if seen and not data.own else line
 

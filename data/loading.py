@@ -47,9 +47,10 @@ def judge_unusable(records, reasons, max_bad_fraction):
     bad = [i for i, reason in enumerate(reasons) if reason]
     counts = Counter(reasons[i] for i in bad)
     if len(bad) > max_bad_fraction * len(reasons):
+        examples = [id_of(records[i]["record"], i) for i in bad[:5]]
         raise DataError(f"{len(bad)} of {len(reasons)} records are unusable ({dict(counts)}), more than "
-                        f"max_bad_fraction={max_bad_fraction}; for example {[id_of(records[i]['record'], i) for i in bad[:5]]}. "
-                        "Fix the data, or raise --max_bad_fraction")
+                        f"max_bad_fraction={max_bad_fraction}; for example {examples}. Fix the data, or raise "
+                        "--max_bad_fraction")
     return counts
 
 

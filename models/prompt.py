@@ -136,7 +136,7 @@ def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation
         after = f" after its {IMAGE_TOKEN}" if has_image else ""
         raise SampleError("longer_than_max_text_tokens", f"its first reply{after} ends at text token "
                           f"{cuts[0] - has_image}, past max_text_tokens={max_text_tokens}" if cuts else
-                          f"no reply follows its {IMAGE_TOKEN}, and it is longer than max_text_tokens={max_text_tokens}")
+                          f"no reply follows its {IMAGE_TOKEN}, and it is past max_text_tokens={max_text_tokens}")
     ids, labels = ids[:keep], labels[:keep]
     if not generation_prompt and all(l == IGNORE for l in labels):
         raise SampleError("no_target_tokens", "nothing to train on (no assistant reply)")

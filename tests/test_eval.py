@@ -182,8 +182,8 @@ def test_a_reply_longer_than_max_text_tokens_is_scored_when_its_prompt_fits(tiny
     long_reply, long_question = " ".join(["a red circle ."] * 30), " ".join(["Describe the image."] * 30)
     records = [{**r, "conversations": [r["conversations"][0], {"from": "gpt", "value": long_reply}]}
                for r in tiny_records(tiny_cfg)[:3]]
-    records.append({**records[0], "id": "long_question",
-                    "conversations": [{"from": "human", "value": f"<image>\n{long_question}"}, {"from": "gpt", "value": "a ."}]})
+    records.append({**records[0], "id": "long_question", "conversations": [
+        {"from": "human", "value": f"<image>\n{long_question}"}, {"from": "gpt", "value": "a ."}]})
     data = other_data(tiny_cfg, tmp_path / "long", records)
     printed = run_eval(capsys, trained_on, data)
     written = json.loads((trained_on / f"eval_all-{data_id(data)}.json").read_text())

@@ -54,7 +54,7 @@ def sample_captions(model, dataset, n, device, batch_size=64, num_workers=0, pro
         asked = [(item, turn) for item, turn in asked if turn is not None]
         if not asked:
             continue
-        images = [item["pixel_values"] for item, _ in asked if "pixel_values" in item]  # in row order, as embed takes them
+        images = [item["pixel_values"] for item, _ in asked if "pixel_values" in item]  # in row order (VLM.embed)
         pixel_values = torch.stack(images) if images else torch.zeros((0, *model.vision.pixel_shape), dtype=torch.uint8)
         predictions = model.generate_from_ids([ids for _, (ids, _) in asked], pixel_values.to(device))
         rows += [Answer(item["id"], model.tokenizer.decode(ids, skip_special_tokens=True).strip(), prediction, truth)
