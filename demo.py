@@ -106,7 +106,7 @@ def answer_questions(cfg, projector, t0):
     for row in rows[:8]:
         question = row.prompt.splitlines()[-2]  # the last user line (the prompt ends with the assistant header)
         print(f"  {row.id}: {question} {printable(row.prediction)}  (reference: {printable(row.reference)})")
-    print(f"scores over {len(rows)} held-out records ({sum(skipped.values())} text-only or unusable not asked): "
+    print(f"scores over {len(rows)} held-out records ({sum(skipped.values())} unusable not asked): "
           + score_line({k: scores[k] for k in ("vqa_exact_match", "yes_no_accuracy", "yes_no_n")}))
     return {**out, "answer_scores": scores}
 

@@ -2,10 +2,13 @@
 
     uv run python eval.py --checkpoint checkpoints/demo/lora --data_dir checkpoints/demo/assets/data
 
-Each record is prompted with its conversation up to its last assistant reply (its question, and the turns before it),
-and that reply is the reference. Reports CIDEr, BLEU-4, ROUGE-L and exact match for captions, the VQAv2-normalised
-exact match and yes/no accuracy for short answers (training/metrics.py), how many records were skipped and why
-(a missing image, a text-only record, ...), and writes them, with every prompt, prediction and reference, to a JSON file.
+Each record, with or without an image, is prompted with its conversation up to its last assistant reply (its question,
+and the turns before it; the last reply whose prompt fits the checkpoint's max_text_tokens: the reply itself may be
+longer), and that reply is the reference. Reports CIDEr, BLEU-4, ROUGE-L and exact match for captions, the
+VQAv2-normalised exact match and yes/no accuracy for short answers (training/metrics.py), how many records were skipped
+and why (a missing image, ...), and how many scored records were in the checkpoint's training split (by id: a test set
+drawn from the training data scores recall), and writes them, with every prompt, prediction and reference, to a JSON
+file.
 Which records: --split val scores the records the checkpoint's run held out, which exist only in the data it trained
 on (its run.json holds that chat.json's sha256; the data set's fixed split and the run's val_size pick them, as
 training did); --split all scores every record (a separate test set). The default, auto, is val on the checkpoint's
@@ -15,10 +18,13 @@ The JSON (--out) goes into the checkpoint dir by default: eval_val.json or eval_
 data, eval_all-<the first 8 hex digits of the data's sha256>.json for another data set, so scoring a test set never
 overwrites the result on the training data.
 """
+import os
 import sys
 from pathlib import Path
 
 from models.config import FlagParser
+
+DEFAULT_WORKERS = 4
 
 
 def parse_args(argv):
@@ -33,7 +39,8 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, default=0, help="score the first N records of the split only; 0 = all")
     p.add_argument("--out", default="", help="the JSON file; default: eval_<split>[-<data id>].json in the checkpoint")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers decoding images")
+    p.add_argument("--num_workers", type=int, default=None,
+                   help=f"DataLoader workers decoding images; default {DEFAULT_WORKERS}, or the cores here if fewer")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).expanduser().exists():
@@ -43,8 +50,10 @@ def parse_args(argv):
     if not args.chat_json and not (Path(args.data_dir).expanduser() / "chat.json").is_file():
         p.error(f"--data_dir {args.data_dir}: no chat.json there; point it at a LLaVA-format data folder (or name the "
                 "json with --chat_json)")
-    if args.batch_size < 1 or args.limit < 0 or args.num_workers < 0:
+    if args.batch_size < 1 or args.limit < 0 or (args.num_workers or 0) < 0:
         p.error("need --batch_size >= 1, --limit >= 0 and --num_workers >= 0")
+    if args.num_workers is None:  # more workers than cores only contend (and torch's DataLoader warns)
+        args.num_workers = min(DEFAULT_WORKERS, len(os.sched_getaffinity(0)))
     return args
 
 
@@ -52,7 +61,6 @@ if __name__ == "__main__":  # bad arguments answer now, before the slow imports 
     parse_args(sys.argv[1:])
 
 import json  # noqa: E402
-import os  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
 import torch  # noqa: E402
@@ -60,7 +68,7 @@ import transformers  # noqa: E402
 
 from training import checkpoint  # noqa: E402
 from data.download import DataError  # noqa: E402
-from data.llava import ImageStore, LlavaDataset, data_identity, load_records, split_indices  # noqa: E402
+from data.llava import ImageStore, LlavaDataset, data_identity, id_of, load_records, split_indices  # noqa: E402
 from models.config import ConfigError, VLMConfig  # noqa: E402
 from models.hub import HubError  # noqa: E402
 from training.metrics import score_line  # noqa: E402
@@ -75,6 +83,7 @@ class EvalData(NamedTuple):
     split: str        # "val" or "all"
     own: bool         # the checkpoint trained on this data
     why: str          # the split chosen, and why, for the user
+    trained: set      # the ids of the checkpoint's training split, None if its data is not here to read
 
 
 def open_data(path, data_dir, requested, chat_json=""):
@@ -83,14 +92,39 @@ def open_data(path, data_dir, requested, chat_json=""):
     chat_json = Path(chat_json).expanduser() if chat_json else Path(data_dir).expanduser() / "chat.json"
     records = load_records(chat_json)
     identity = data_identity(chat_json, len(records))
-    split, own, why = pick_split(requested, identity, checkpoint.run_info(path).get("data", {}), path)
+    trained_on = checkpoint.run_info(path).get("data", {})
+    split, own, why = pick_split(requested, identity, trained_on, path)
+    cfg = VLMConfig.load(path / "config.json")
     if split == "val":
-        indices = split_indices(len(records), VLMConfig.load(path / "config.json").val_size)[1]
+        indices = split_indices(len(records), cfg.val_size)[1]
         if not indices:
             raise ConfigError(f"--split val: the run of {path} held out no records (val_size 0); use --split all")
     else:
         indices = list(range(len(records)))
-    return EvalData(records, indices, ImageStore(Path(data_dir).expanduser()), identity, split, own, why)
+    trained = training_ids(records if own else training_records(cfg, trained_on), cfg.val_size)
+    return EvalData(records, indices, ImageStore(Path(data_dir).expanduser()), identity, split, own, why, trained)
+
+
+def training_records(cfg, trained_on):
+    """The records of the data the checkpoint trained on (run.json's chat_json, or where its config points, with the
+    sha256 run.json holds), or None when it is not here, or changed, or the checkpoint does not record it."""
+    if not trained_on:
+        return None
+    candidates = [trained_on["chat_json"], cfg.chat_json, cfg.data_dir and Path(cfg.data_dir) / "chat.json"]
+    for chat_json in (Path(c).expanduser() for c in candidates if c):
+        if chat_json.is_file() and data_identity(chat_json, 0)["sha256"] == trained_on["sha256"]:
+            return load_records(chat_json)
+    return None
+
+
+def training_ids(records, val_size):
+    """The ids of the records in the training split of `records` (as the run split them), None without records.
+    A test set drawn from the training data would score what the model learned by heart; eval.py says how many of its
+    scored records were in that split, matched by id (the records may be copied into another file)."""
+    if records is None:
+        return None
+    texts = records.data.column("record").to_pylist()  # in one go: row by row, Dataset takes 30 s for CC3M
+    return {id_of(texts[i], i) for i in split_indices(len(texts), val_size)[0]}
 
 
 def pick_split(requested, identity, trained_on, path):
@@ -146,19 +180,31 @@ def main(argv):
         data = open_data(path, args.data_dir, args.split, args.chat_json)
         print(f"split {data.split}{' (auto)' if args.split == 'auto' else ''}: {data.why}", flush=True)
         model = checkpoint.load_model(path).place(device)
+        # no max_text_tokens: the reference reply is never fed to the model; scored_turn asks each prompt that fits it
         dataset = LlavaDataset(data.records, data.indices, data.images, model.tokenizer, model.processor,
-                               model.n_image_tokens, model.cfg.max_text_tokens, model.cfg.image_fit)
+                               model.n_image_tokens, None, model.cfg.image_fit)
         scores, predictions, skipped = evaluate(model, dataset, device, args.batch_size, args.num_workers, args.limit)
     except (ConfigError, DataError, HubError) as e:
         sys.exit(f"error: {e}")
+    seen = None if data.trained is None else sum(p["id"] in data.trained for p in predictions)
     out = Path(args.out or default_out(path, data))
     out.write_text(json.dumps({"checkpoint": str(path), "data_dir": args.data_dir, "data": data.identity,
                                "split": data.split, "n": len(predictions), "skipped": sum(skipped.values()),
-                               "skipped_reasons": dict(skipped), "metrics": scores, "predictions": predictions},
-                              indent=1) + "\n")
+                               "skipped_reasons": dict(skipped), "in_training_split": seen, "metrics": scores,
+                               "predictions": predictions}, indent=1) + "\n")
+    print(overlap_line(seen, len(predictions), data, path))
     print(score_line(scores, digits=4)
           + f"  ({len(predictions)} records scored, {describe(skipped)}; {out})")
     return scores
+
+
+def overlap_line(seen, n, data, path):
+    """How many scored records the checkpoint trained on: scores over them measure recall, not generalisation."""
+    if seen is None:
+        return (f"could not check which scored records {path} trained on: its training data (run.json's) is not on "
+                "this machine with the same sha256, or the checkpoint does not record it")
+    line = f"{seen} of the {n} scored records are in the training split of {path} (matched by id)"
+    return f"warning: {line}: their scores measure recall, not another data set" if seen and not data.own else line
 
 
 if __name__ == "__main__":

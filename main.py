@@ -88,8 +88,9 @@ def evaluate(model, loader, device, autocast):
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: VLMConfig):
     """One phase, from config to final checkpoint. Returns {"model", "step", "checkpoint", "losses": [(step,
-    loss)], "stats": [one per log line], "val_loss", "caption_scores" (rank 0, end of phase), "skipped": {reason:
-    count}, "truncated"}. A stop signal saves, then raises Stopped."""
+    loss)], "stats": [one per log line], "val_loss", "caption_scores" (rank 0, end of phase), "unusable": {reason:
+    count} (records left out before training), "skipped": {reason: count} (samples found unusable while loading),
+    "truncated"}. A stop signal saves, then raises Stopped."""
     cfg.validate()  # every check that needs no weights comes first: a mistake costs seconds, not minutes
     check_shapes(cfg)
     checkpoint.check_init_from(cfg)
@@ -100,6 +101,8 @@ def train(cfg: VLMConfig):
             checkpoint.check_resume(cfg, resume_from, world)
         tokenizer = load_tokenizer(cfg)
         data = open_data(cfg, tokenizer, rank, world)  # before the model: a data mistake costs seconds
+        if rank == 0 and data["unusable"]:
+            print(unusable_line(data["unusable"], len(data["records"])), flush=True)
         torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; DDP gives every rank rank 0's initial weights
         model = build_model(cfg, device, resume_from is not None, tokenizer)
         train_loader, val_loader = build_data(cfg, model, rank, world, data)
@@ -116,7 +119,6 @@ def train(cfg: VLMConfig):
         autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
         steps = steps_of_micro_batches(train_loader, state["step"], cfg.grad_accum)
         tally, non_finite, losses = SkipTally(**state["data"]), NonFiniteSteps(state, device), LoggedLoss(device)
-        min_seen = min(100, len(data["train_idx"]))  # samples seen before the bad-data fraction is judged
         meter, reporter = Meter(model, device, world), Reporter(cfg, rank, state["step"], state["run_id"])
         skips = (tally.seen, tally.skipped, tally.truncated)  # summed over ranks at each log line
         result = {"losses": [], "stats": [], "val_loss": None, "caption_scores": None, "checkpoint": resume_from}
@@ -133,7 +135,7 @@ def train(cfg: VLMConfig):
                 batches = next(steps)  # grad_accum micro-batches
                 data_wait = time.perf_counter() - t0
                 tally.add(batches)
-                tally.check(cfg.max_bad_fraction, min_seen)
+                tally.check(cfg.max_bad_fraction)
                 step_loss, n_tokens, finite = train_step(forward, batches, optimizer, params, cfg, device, autocast)
                 scheduler.step()
                 state["step"] += 1
@@ -169,12 +171,13 @@ def train(cfg: VLMConfig):
                 if stopping:
                     break
         reporter.close()
-        report_data(reporter, cfg, *skips, min_seen)
+        report_data(reporter, cfg, *skips)
         if result["checkpoint"] != resume_from:  # (a finished run that is run again trains and saves nothing)
             reporter.print(f"saved {result['checkpoint']}")
         if stopping:
             raise Stopped(signal.Signals(stopping), state["step"], result["checkpoint"])
-        return {**result, "model": model, "step": state["step"], "skipped": dict(skips[1]), "truncated": skips[2]}
+        return {**result, "model": model, "step": state["step"], "unusable": dict(data["unusable"]),
+                "skipped": dict(skips[1]), "truncated": skips[2]}
 
 
 def train_step(forward, batches, optimizer, params, cfg, device, autocast):
@@ -237,13 +240,19 @@ def validate(model, val_loader, cfg, step, done, rank, device, autocast, reporte
     return out
 
 
-def report_data(reporter, cfg, seen, skipped, truncated, min_seen):
+def unusable_line(unusable, n_records):
+    bad = sum(unusable.values())
+    return (f"data: {bad} of {n_records} records unusable ({dict(unusable)}), left out of training and validation: "
+            f"using the other {n_records - bad}")
+
+
+def report_data(reporter, cfg, seen, skipped, truncated):
     """What the data cost the run, as of the last log line (the last step always logs)."""
     if skipped:
         reporter.print(f"skipped {sum(skipped.values())} of {seen} samples: {dict(skipped)}")
-        if sum(skipped.values()) > cfg.max_bad_fraction * seen:  # a short run ends before the check starts
+        if sum(skipped.values()) > cfg.max_bad_fraction * seen:  # too few samples to stop for (SkipTally.check)
             reporter.print(f"warning: that is more than max_bad_fraction={cfg.max_bad_fraction}; the run did not stop "
-                           f"for it because the check starts after {min_seen} samples. Check the data")
+                           "for it because so few samples could be chance. Check the data")
     if truncated:
         reporter.print(f"truncated {truncated} of {seen} samples at the end of an assistant turn to fit "
                        f"max_text_tokens={cfg.max_text_tokens}: their later turns did not train (raise it to keep them)")

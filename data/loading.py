@@ -1,12 +1,14 @@
 """From the config to this rank's data loaders: the records, their split, every record's length (packing plans
 with them, before the model loads), then the loaders of packed micro-batches."""
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from data.download import ensure_dataset
-from data.llava import ImageStore, LlavaDataset, data_identity, ignore_stop_signals, load_records, split_indices
+from data.download import DataError, ensure_dataset
+from data.llava import (ImageStore, LlavaDataset, data_identity, id_of, ignore_stop_signals, load_records,
+                        split_indices)
 from data.packing import Packer, PackedBatchSampler, plan_micro_batches, sample_lengths
 from models.config import ConfigError
 from models.vision import n_image_tokens
@@ -15,24 +17,41 @@ from models.vision import n_image_tokens
 def open_data(cfg, tokenizer, rank, world):
     """The records, their split, the images, and this rank's packed micro-batches, planned before the model loads
     (packing needs every record's length: one pass over the text, data/packing.py): a data mistake (an empty or
-    truncated file, too few records) costs seconds, not the minutes of loading."""
+    truncated file, too few records, too many unusable ones) costs seconds, not the minutes of loading. The records
+    that pass finds unusable are judged over the whole data set (unusable) and left out of both splits; the split
+    itself stays that of every record (the same held-out records whatever is missing)."""
     root = ensure_dataset(cfg)
     chat_json = Path(cfg.chat_json).expanduser() if cfg.chat_json else root / "chat.json"
     records = load_records(chat_json)
-    train_idx, val_idx = split_indices(len(records), cfg.val_size)
     images = ImageStore(root)
-
-    def lengths(indices):
-        text = LlavaDataset(records, indices, images, tokenizer, None, n_image_tokens(cfg), cfg.max_text_tokens)
-        return sample_lengths(text, cfg.num_workers)
-    sampler = PackedBatchSampler(lengths(train_idx), cfg.batch_size, cfg.batch_tokens, rank, world, cfg.seed)
+    text = LlavaDataset(records, range(len(records)), images, tokenizer, None, n_image_tokens(cfg), cfg.max_text_tokens)
+    lengths, reasons = zip(*sample_lengths(text, cfg.num_workers))
+    unusable = judge_unusable(records, reasons, cfg.max_bad_fraction)
+    train_idx, val_idx = ([i for i in split if lengths[i]] for split in split_indices(len(records), cfg.val_size))
+    sampler = PackedBatchSampler([lengths[i] for i in train_idx], cfg.batch_size, cfg.batch_tokens, rank, world,
+                                 cfg.seed)
     if len(sampler) < cfg.grad_accum:
         raise ConfigError(f"config field 'grad_accum' = {cfg.grad_accum}: more micro-batches than one epoch has "
                           f"({len(sampler)} per rank); lower grad_accum or batch_tokens")
     val_idx = val_idx[rank::world]
-    val_batches = plan_micro_batches(range(len(val_idx)), lengths(val_idx), cfg.batch_size, cfg.batch_tokens)
+    val_batches = plan_micro_batches(range(len(val_idx)), [lengths[i] for i in val_idx], cfg.batch_size,
+                                     cfg.batch_tokens)
     return dict(records=records, train_idx=train_idx, val_idx=val_idx, images=images, sampler=sampler,
-                val_batches=val_batches, identity=data_identity(chat_json, len(records)))
+                val_batches=val_batches, unusable=unusable, identity=data_identity(chat_json, len(records)))
+
+
+def judge_unusable(records, reasons, max_bad_fraction):
+    """{reason: count} of the records the length pass found unusable (reasons: one per record, None if usable); a
+    DataError naming examples if they are more than max_bad_fraction of the data set. Every record is known here, so
+    this is the data set's own share, not an estimate: SkipTally judges only what loading finds later."""
+    bad = [i for i, reason in enumerate(reasons) if reason]
+    counts = Counter(reasons[i] for i in bad)
+    if len(bad) > max_bad_fraction * len(reasons):
+        examples = [id_of(records[i]["record"], i) for i in bad[:5]]
+        raise DataError(f"{len(bad)} of {len(reasons)} records are unusable ({dict(counts)}), more than "
+                        f"max_bad_fraction={max_bad_fraction}; for example {examples}. Fix the data, or raise "
+                        "--max_bad_fraction")
+    return counts
 
 
 def build_data(cfg, model, rank, world, data=None):

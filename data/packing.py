@@ -9,7 +9,9 @@ IMAGE_MULTIPLE: a few image counts, however many records are text-only or unusab
 all of them (its batch dimension is dynamic) and records one CUDA graph per count.
 
 Planning needs every record's length before any image is read: sample_lengths tokenizes the text of each record
-once, in the DataLoader's worker processes (LlavaDataset.length).
+once, in the DataLoader's worker processes (LlavaDataset.length). The records it finds unusable (a missing image,
+malformed or too long text) are left out of the plan (data/loading.py); the collator's holes are those that only
+loading finds (a corrupt image, a template problem).
 """
 from collections import Counter
 
@@ -144,8 +146,8 @@ class _Lengths(torch.utils.data.Dataset):
 
 
 def sample_lengths(dataset, num_workers):
-    """Every record's length in tokens (LlavaDataset.length; 0 for one known to be unusable), tokenized in
-    num_workers worker processes."""
+    """Every record's (length in tokens, None), or (0, reason) for one known to be unusable (LlavaDataset.length),
+    tokenized in num_workers worker processes."""
     loader = DataLoader(_Lengths(dataset), batch_size=1024, num_workers=num_workers, collate_fn=list,
                         worker_init_fn=ignore_stop_signals)
     return [n for chunk in start_workers(loader) for n in chunk]

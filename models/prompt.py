@@ -128,10 +128,15 @@ def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation
                   else "image_token_without_image")
         raise SampleError(reason, f"expected {int(has_image)} {IMAGE_TOKEN} in the conversation, found {n_images}")
     at = ids.index(image_id) if has_image else None
-    keep = kept_tokens(len(ids), turn_ends, max_text_tokens, has_image)
+    # A cut keeps the image (in a later user turn it may follow the first replies): cut before it, the image would
+    # be expanded after the kept replies, and the sample's image would have no positions of its own in a packed batch
+    cuts = [end for end in turn_ends if end > at] if has_image else turn_ends
+    keep = kept_tokens(len(ids), cuts, max_text_tokens, has_image)
     if keep == 0:
-        raise SampleError("longer_than_max_text_tokens", f"its first reply ends at text token "
-                          f"{turn_ends[0] - has_image}, past max_text_tokens={max_text_tokens}")
+        after = f" after its {IMAGE_TOKEN}" if has_image else ""
+        raise SampleError("longer_than_max_text_tokens", f"its first reply{after} ends at text token "
+                          f"{cuts[0] - has_image}, past max_text_tokens={max_text_tokens}" if cuts else
+                          f"no reply follows its {IMAGE_TOKEN}, and it is past max_text_tokens={max_text_tokens}")
     ids, labels = ids[:keep], labels[:keep]
     if not generation_prompt and all(l == IGNORE for l in labels):
         raise SampleError("no_target_tokens", "nothing to train on (no assistant reply)")
@@ -141,13 +146,13 @@ def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation
     return ids, labels
 
 
-def kept_tokens(n, turn_ends, max_text_tokens, has_image):
+def kept_tokens(n, cuts, max_text_tokens, has_image):
     """Of a sample's n rendered tokens (its image one placeholder), how many `encode` keeps: all when its text fits
-    max_text_tokens; else up to the end of its last whole assistant turn that fits, never within a turn (0 when not
-    even the first reply fits: the sample is skipped). The image sits in the first user turn, so it is never cut."""
+    max_text_tokens; else up to the last of `cuts` (the ends of the assistant turns after the image) that fits, never
+    within a turn (0 when none fits: the sample is skipped)."""
     if max_text_tokens is None or n - has_image <= max_text_tokens:
         return n
-    return max((end for end in turn_ends if end - has_image <= max_text_tokens), default=0)
+    return max((end for end in cuts if end - has_image <= max_text_tokens), default=0)
 
 
 def trained_turns(labels):

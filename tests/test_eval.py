@@ -130,14 +130,15 @@ def test_skipped_records_are_counted_with_their_reasons(tiny_cfg, trained_on, tm
     # one worker: the records are read in another process, whose skips must still be counted here
     printed = run_eval(capsys, trained_on, data, "--num_workers", "1")
     written = json.loads((trained_on / f"eval_all-{data_id(data)}.json").read_text())
-    assert written["n"] == 4 and written["skipped"] == 3
-    assert written["skipped_reasons"] == {"missing_image": 2, "text_only": 1}
-    assert "4 records scored, 3 skipped: missing_image 2, text_only 1" in printed
+    assert written["n"] == 5 and written["skipped"] == 2 and written["skipped_reasons"] == {"missing_image": 2}
+    assert "5 records scored, 2 skipped: missing_image 2" in printed
+    assert {"id": "text", "prompt": "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face\n"
+            "user\nSay hi.\nassistant", "reference": "hi"}.items() <= written["predictions"][-1].items()
 
 
 def test_an_instruction_json_is_scored_with_each_records_question(trained_on, tmp_path, capsys):
-    """--chat_json names a json beside the images (mix665k's layout): multi-turn records are asked their last
-    question, with the turns before it, and scored against their last reply; text-only ones are counted apart."""
+    """--chat_json names a json beside the images (mix665k's layout): multi-turn records, with or without an image,
+    are asked their last question, with the turns before it, and scored against their last reply."""
     from test_instruct_data import image_record, text_record
     from data.shapes import draw
     images = tmp_path / "playground"
@@ -150,9 +151,52 @@ def test_an_instruction_json_is_scored_with_each_records_question(trained_on, tm
     evaluation.main(["--checkpoint", str(trained_on), "--data_dir", str(images), "--chat_json",
                      str(tmp_path / "mix.json"), "--num_workers", "0", "--device", "cpu", "--out", str(out)])
     written = json.loads(out.read_text())
-    assert written["split"] == "all" and written["n"] == 2 and written["skipped_reasons"] == {"text_only": 1}
-    for p in written["predictions"]:
+    assert written["split"] == "all" and written["n"] == 3 and written["skipped_reasons"] == {}
+    *image_rows, text_row = written["predictions"]
+    for p in image_rows:
         assert p["reference"] == "at the center ."
         assert "What is in this picture?" in p["prompt"] and "a red circle ." in p["prompt"]
         assert p["prompt"].rstrip().splitlines()[-2].strip() == "Where is it?"
+    assert text_row["id"] == "text_1" and text_row["reference"] == "green ."
+    assert "What color is a ripe banana?" in text_row["prompt"] and "yellow ." in text_row["prompt"]
     assert {"vqa_exact_match", "yes_no_accuracy"} <= set(written["metrics"])
+
+
+def test_a_test_set_drawn_from_the_training_split_is_called_out(tiny_cfg, trained_on, tmp_path, capsys):
+    """Records copied out of the checkpoint's training data into a "test set" (another file, so --split all) score
+    what the model has seen: eval.py says how many, found by id in the training split that run.json's data and
+    config.json's val_size give."""
+    records = tiny_records(tiny_cfg)
+    train_idx, val_idx = split_indices(len(records), tiny_cfg.val_size)
+    test_set = other_data(tiny_cfg, tmp_path / "test_set", [records[i] for i in train_idx[:3] + val_idx[:2]])
+    printed = run_eval(capsys, trained_on, test_set)
+    assert "warning: 3 of the 5 scored records are in the training split of" in printed
+    assert json.loads((trained_on / f"eval_all-{data_id(test_set)}.json").read_text())["in_training_split"] == 3
+    printed = run_eval(capsys, trained_on, tiny_cfg.data_dir, "--limit", "2")  # its own held-out records: none
+    assert "0 of the 2 scored records are in the training split of" in printed and "warning" not in printed
+
+
+def test_a_reply_longer_than_max_text_tokens_is_scored_when_its_prompt_fits(tiny_cfg, trained_on, tmp_path, capsys):
+    """The reference reply is never fed to the model: only a prompt past the checkpoint's max_text_tokens (64 here)
+    leaves a record out."""
+    long_reply, long_question = " ".join(["a red circle ."] * 30), " ".join(["Describe the image."] * 30)
+    records = [{**r, "conversations": [r["conversations"][0], {"from": "gpt", "value": long_reply}]}
+               for r in tiny_records(tiny_cfg)[:3]]
+    records.append({**records[0], "id": "long_question", "conversations": [
+        {"from": "human", "value": f"<image>\n{long_question}"}, {"from": "gpt", "value": "a ."}]})
+    data = other_data(tiny_cfg, tmp_path / "long", records)
+    printed = run_eval(capsys, trained_on, data)
+    written = json.loads((trained_on / f"eval_all-{data_id(data)}.json").read_text())
+    assert written["n"] == 3 and {p["reference"] for p in written["predictions"]} == {long_reply}
+    assert written["skipped_reasons"] == {"prompt_longer_than_max_text_tokens": 1}
+    assert "3 records scored, 1 skipped: prompt_longer_than_max_text_tokens 1" in printed
+
+
+def test_eval_py_uses_no_more_workers_than_cores_unless_told(tmp_path, monkeypatch):
+    (tmp_path / "chat.json").write_text("[]")
+    args = ["--checkpoint", str(tmp_path), "--data_dir", str(tmp_path)]
+    monkeypatch.setattr(evaluation.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert evaluation.parse_args(args).num_workers == 2
+    assert evaluation.parse_args(args + ["--num_workers", "4"]).num_workers == 4  # as asked
+    monkeypatch.setattr(evaluation.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert evaluation.parse_args(args).num_workers == evaluation.DEFAULT_WORKERS

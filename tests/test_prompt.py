@@ -140,3 +140,28 @@ def test_a_sample_whose_first_reply_does_not_fit_is_skipped_with_a_reason(tok):
         with pytest.raises(SampleError) as e:
             encode(tok, messages, N_IMAGE, max_text_tokens=40)
         assert e.value.reason == "longer_than_max_text_tokens"
+
+
+def test_a_cut_keeps_an_image_of_a_later_user_turn_in_its_place(tok):
+    """An <image> in the 2nd user turn: a max_text_tokens that would fit the first reply alone does not cut the image
+    off (it was expanded after that reply); the cut keeps whole turns up to one after the image, or skips the sample."""
+    turns = ["Hello.", "Hi, what should I look at?", f"This: {IMAGE_TOKEN}\nWhat is in it?", CAPTION,
+             "Where is it?", "at the center ."]
+    messages = chat(*turns)
+    full_ids, full_labels = encode(tok, messages, N_IMAGE)
+    start, _ = image_span(tok, full_ids)
+    ends = [end for _, end in trained_turns(full_labels)]  # the turns' ends, image expanded
+    assert ends[0] < start < ends[1]
+    text_end = lambda end: end - N_IMAGE  # noqa: E731  text tokens up to a turn's end after the image
+    for max_text, kept_turns in ((ends[0], None), (text_end(ends[1]) - 1, None),
+                                 (text_end(ends[1]), 2), (text_end(ends[2]) - 1, 2), (text_end(ends[2]), 3)):
+        if kept_turns is None:  # the first reply alone would fit, but not with the image: skipped
+            with pytest.raises(SampleError, match="first reply after its <image> ends") as e:
+                encode(tok, messages, N_IMAGE, max_text_tokens=max_text)
+            assert e.value.reason == "longer_than_max_text_tokens"
+            continue
+        ids, labels = encode(tok, messages, N_IMAGE, max_text_tokens=max_text)
+        assert image_span(tok, ids) == (start, N_IMAGE)  # never cut, never moved
+        assert ids == full_ids[:len(ids)] and labels == full_labels[:len(ids)]
+        assert len(trained_turns(labels)) == kept_turns and len(ids) == ends[kept_turns - 1]
+        assert encoded_length(tok, messages, N_IMAGE, max_text) == len(ids)

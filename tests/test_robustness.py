@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -29,7 +30,7 @@ import main
 from conftest import REPO, cli_args, log_lines, same, steps_saved, trainable_params
 from data.loading import open_data
 from data.packing import PackedBatchSampler
-from data.llava import (ImageStore, LlavaDataset, SkipTally, decode_image, load_records,
+from data.llava import (ImageStore, LlavaDataset, SkipTally, beyond_chance, decode_image, load_records,
                         split_indices)
 from models.config import ConfigError
 from training.checkpoint import WEIGHTS
@@ -205,18 +206,26 @@ def test_each_bad_record_is_used_or_skipped_with_its_reason(tiny_assets, tiny_cf
     assert got == {name: expect for name, expect, _, _ in bad_cases()}
 
 
+# what the length pass finds from the text and the image's presence alone: left out before training
+FOUND_BEFORE_LOADING = {"missing_image", "longer_than_max_text_tokens", "bad_text", "malformed_record"}
+
+
 def test_training_on_bad_data_uses_what_it_can_and_counts_the_rest(tiny_assets, tiny_cfg, tmp_path):
-    """One whole epoch (every training record seen once, in worker processes): the skip counts are exact."""
-    n_cases, val_size, batch_size = len(bad_cases()), 4, 8
-    n_good = 16 + (-(16 + n_cases - val_size)) % batch_size  # the training split fills whole batches
+    """One whole epoch (every usable training record seen once, in worker processes): the records left out before
+    training and the samples skipped while loading are counted exactly, each once."""
+    val_size, batch_size = 4, 8
+    outcomes = Counter(expect for _, expect, _, _ in bad_cases() if expect != USED)
+    unusable = Counter({k: n for k, n in outcomes.items() if k in FOUND_BEFORE_LOADING})
+    n_cases, n_trained = len(bad_cases()), len(bad_cases()) - unusable.total() - val_size
+    n_good = 16 + (-(16 + n_trained)) % batch_size  # the training records left fill whole batches
     train_idx, val_idx = split_indices(n_good + n_cases, val_size)
     root, expected = bad_dataset(tiny_assets, tmp_path / "data", n_good, good_at=val_idx)  # all bad ones train
     cfg = dataclasses.replace(tiny_cfg, data_dir=str(root), val_size=val_size, batch_size=batch_size, epochs=1,
                               max_bad_fraction=0.9, num_workers=2, eval_captions=4)
     result = main.train(cfg)
-    assert len(train_idx) % batch_size == 0 and result["step"] == len(train_idx) // batch_size
-    skipped = Counter(expect for _, expect, _, _ in bad_cases() if expect != USED)
-    assert result["skipped"] == dict(skipped) and set(skipped) == set(REASONS)  # every reason, each exactly
+    assert result["step"] == (len(train_idx) - unusable.total()) // batch_size == (n_good + n_trained) // batch_size
+    assert result["unusable"] == dict(unusable) and result["skipped"] == dict(outcomes - unusable)
+    assert set(outcomes) == set(REASONS)  # every reason, each exactly
     assert all(np.isfinite(loss) for _, loss in result["losses"]) and np.isfinite(result["val_loss"])
 
 
@@ -269,14 +278,29 @@ def test_data_with_nothing_usable_stops_naming_examples(tiny_assets, tiny_cfg, t
         main.train(cfg)
 
 
-def test_data_more_bad_than_max_bad_fraction_stops(tiny_assets, tiny_cfg, tmp_path):
-    bad = [i for i in range(160) if i % 5 < 3]  # 60% unusable
-    cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_missing_images(tiny_assets, tmp_path / "d", bad),
-                              max_bad_fraction=0.5)
-    with pytest.raises(main.DataError, match="max_bad_fraction=0.5") as e:
-        main.train(cfg)
-    seen = int(str(e.value).split(" of the first ")[1].split()[0])
-    assert 100 <= seen < 100 + cfg.batch_size  # judged over at least 100 samples, and stopped right there
+def test_a_few_missing_images_are_left_out_and_too_many_stop_before_the_model_loads(tiny_assets, tiny_cfg, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """The length pass knows every missing image before the model loads: 3% of them (under the default 5% limit) are
+    left out and said in one line; 30% stop the run there, whatever order the records train in."""
+    few = shapes_with_missing_images(tiny_assets, tmp_path / "few", range(0, 160, 32))  # 5 of 160
+    result = main.train(dataclasses.replace(tiny_cfg, data_dir=few, max_steps=3))
+    assert result["step"] == 3 and result["unusable"] == {"missing_image": 5} and result["skipped"] == {}
+    assert "data: 5 of 160 records unusable ({'missing_image': 5}), left out of training and validation: using the " \
+           "other 155" in capsys.readouterr().out
+
+    many = shapes_with_missing_images(tiny_assets, tmp_path / "many", [i for i in range(160) if i % 10 < 3])
+    forbid_loading(monkeypatch)
+    with pytest.raises(main.DataError, match=r"^48 of 160 records are unusable \({'missing_image': 48}\), more than "
+                                             r"max_bad_fraction=0.05; for example \['shape_000000', "):
+        main.train(dataclasses.replace(tiny_cfg, data_dir=many, out_dir=str(tmp_path / "many_run")))
+
+
+def shapes_with_corrupt_images(tiny_assets, root, bad):
+    """The shapes data set with the images of records `bad` (indices) corrupt: found unusable only when loaded."""
+    records, images = shapes(tiny_assets, 160)
+    for i in bad:
+        images[records[i]["image"]] = b"not a JPEG"
+    return str(write_dataset(root, records, images))
 
 
 def first_micro_batch(n, cfg):
@@ -285,14 +309,38 @@ def first_micro_batch(n, cfg):
 
 
 def test_a_bad_first_batch_alone_does_not_stop_a_mostly_good_run(tiny_assets, tiny_cfg, tmp_path):
-    """8 unusable records of 144 (max_bad_fraction 0.5) happen to make up the first batch: that is no reason
+    """8 corrupt images of 144 (max_bad_fraction 0.5) happen to make up the first batch: that is no reason
     to stop, just as the same records spread over the epoch are none."""
     train_idx, _ = split_indices(160, tiny_cfg.val_size)
     first_batch = first_micro_batch(len(train_idx), tiny_cfg)
     bad = [train_idx[j] for j in first_batch]
-    cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_missing_images(tiny_assets, tmp_path / "d", bad),
+    cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_corrupt_images(tiny_assets, tmp_path / "d", bad),
                               max_bad_fraction=0.5, max_steps=3)
-    assert main.train(cfg)["skipped"] == {"missing_image": 8}
+    assert main.train(cfg)["skipped"] == {"corrupt_image": 8}
+
+
+def test_data_found_bad_while_loading_stops_once_that_cannot_be_chance(tiny_assets, tiny_cfg, tmp_path):
+    """Corrupt images are found only when loaded: 30% of them stop the default 5% limit within a few steps, once
+    the count is beyond chance, not at the first unusable sample."""
+    bad = [i for i in range(160) if i % 10 < 3]
+    cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_corrupt_images(tiny_assets, tmp_path / "d", bad))
+    with pytest.raises(main.DataError, match=r"corrupt_image.*more than max_bad_fraction=0.05 beyond chance") as e:
+        main.train(cfg)
+    bad, seen = map(int, re.match(r"(\d+) of the first (\d+) ", str(e.value)).groups())
+    assert beyond_chance(bad, seen, 0.05) and cfg.batch_size < seen <= 10 * cfg.batch_size
+
+
+def test_the_running_check_never_stops_3_percent_for_a_5_percent_limit_and_soon_stops_10():
+    """SkipTally.check at every sample of simulated runs: unusable samples drawn at random at a given rate."""
+    def first_stop(rate, seed, n=20_000):
+        rng, bad = random.Random(seed), 0
+        for seen in range(1, n + 1):
+            bad += rng.random() < rate
+            if bad and beyond_chance(bad, seen, 0.05):
+                return seen
+    assert all(first_stop(0.03, seed) is None for seed in range(20))
+    assert all(first_stop(0.10, seed) < 2_000 for seed in range(20))
+    assert not beyond_chance(10, 167, 0.05)  # the first step of a run that stopped on 3% missing images
 
 
 # ============================================================================ bad configuration
@@ -630,17 +678,17 @@ def test_a_run_stopped_for_non_finite_steps_can_go_on(tiny_cfg, monkeypatch):
 
 def test_a_step_with_no_usable_sample_logs_no_loss_and_a_short_bad_run_is_called_out(tiny_cfg, tiny_assets, tmp_path,
                                                                                    capsys):
-    """80% unusable records in a run shorter than the 100 samples the stop check waits for."""
+    """80% corrupt images in a run too short for the stop check (SkipTally.check) to rule out chance at a 0.5 limit."""
     train_idx, _ = split_indices(160, tiny_cfg.val_size)
     first = [train_idx[j] for j in first_micro_batch(len(train_idx), tiny_cfg)]
     bad = first + [i for i in train_idx if i not in first][:100]  # the first batch wholly, then most others
-    cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_missing_images(tiny_assets, tmp_path / "d", bad),
-                              max_steps=3, max_bad_fraction=0.05)
+    cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_corrupt_images(tiny_assets, tmp_path / "d", bad),
+                              max_steps=3, max_bad_fraction=0.5)
     result = main.train(cfg)
     assert result["losses"][0] == (1, None)
     out = capsys.readouterr().out
     assert "step      1/3 | loss - |" in out
-    assert "more than max_bad_fraction=0.05; the run did not stop for it because the check starts after 100" in out
+    assert "more than max_bad_fraction=0.5; the run did not stop for it because so few samples could be chance" in out
     assert json.loads(log_lines(cfg.out_dir)[0])["loss"] is None
 
 

@@ -39,23 +39,26 @@ class Answer(NamedTuple):
 
 
 def sample_captions(model, dataset, n, device, batch_size=64, num_workers=0, progress=False):
-    """(rows, skipped): an Answer for each image record among the first n (fixed) of a dataset, and {reason: count}
-    of the records left out (unusable ones by their skip reason, text-only ones as text_only). Each record is asked
-    its own question: its conversation up to its last assistant reply, which is the reference (scored_turn).
-    Records of different prompts are generated in one batch; num_workers DataLoader workers decode the images."""
+    """(rows, skipped): an Answer for each usable record among the first n (fixed) of a dataset, text-only ones
+    included, and {reason: count} of the records left out (by their skip reason, or prompt_longer_than_max_text_tokens).
+    Each record is asked its own question: its conversation up to its last assistant reply whose prompt fits, which is
+    the reference (scored_turn). Records of different prompts, with and without an image, are generated in one batch;
+    num_workers DataLoader workers decode the images."""
     first_n = Subset(dataset, range(min(n, len(dataset))))
     rows, skipped = [], Counter()
     loader = DataLoader(first_n, batch_size, num_workers=num_workers, collate_fn=list, worker_init_fn=ignore_stop_signals)
     for chunk in tqdm(start_workers(loader), desc="captioning", disable=not progress, dynamic_ncols=True):
-        skipped.update(item.get("skip", "text_only") for item in chunk if "pixel_values" not in item)
-        chunk = [item for item in chunk if "pixel_values" in item]
-        if not chunk:
+        skipped.update(item["skip"] for item in chunk if "skip" in item)
+        asked = [(item, scored_turn(model, item)) for item in chunk if "skip" not in item]
+        skipped.update("prompt_longer_than_max_text_tokens" for _, turn in asked if turn is None)
+        asked = [(item, turn) for item, turn in asked if turn is not None]
+        if not asked:
             continue
-        turns = [scored_turn(model.tokenizer, item) for item in chunk]
-        predictions = model.generate_from_ids([ids for ids, _ in turns],
-                                              torch.stack([item["pixel_values"] for item in chunk]).to(device))
+        images = [item["pixel_values"] for item, _ in asked if "pixel_values" in item]  # in row order (VLM.embed)
+        pixel_values = torch.stack(images) if images else torch.zeros((0, *model.vision.pixel_shape), dtype=torch.uint8)
+        predictions = model.generate_from_ids([ids for _, (ids, _) in asked], pixel_values.to(device))
         rows += [Answer(item["id"], model.tokenizer.decode(ids, skip_special_tokens=True).strip(), prediction, truth)
-                 for item, (ids, truth), prediction in zip(chunk, turns, predictions)]
+                 for (item, (ids, truth)), prediction in zip(asked, predictions)]
     return rows, skipped
 
 
@@ -70,12 +73,18 @@ def caption_metrics(model, dataset, n, device, **captioning):
     return {**caption_scores(predictions, references), **answer_scores(predictions, references)}, rows, skipped
 
 
-def scored_turn(tokenizer, item):
-    """(prompt ids, reference text) of a data set item's last assistant reply: the prompt is everything before the
-    reply (the conversation so far and the assistant header), the reference the reply's text."""
+def scored_turn(model, item):
+    """(prompt ids, reference text) of a data set item's last assistant reply whose prompt fits the model's
+    max_text_tokens (the reply is never fed to the model, so it may be longer), or None if no prompt fits. The prompt is
+    everything before the reply (the conversation so far and the assistant header), the reference the reply's text."""
     labels = item["labels"].tolist()
-    start, end = trained_turns(labels)[-1]
-    return item["input_ids"][:start].tolist(), tokenizer.decode(labels[start:end], skip_special_tokens=True).strip()
+    image_positions = model.n_image_tokens if "pixel_values" in item else 0  # no text tokens: not counted, as in encode
+    fitting = [(start, end) for start, end in trained_turns(labels)
+               if start - image_positions <= model.cfg.max_text_tokens]
+    if not fitting:
+        return None
+    start, end = fitting[-1]
+    return item["input_ids"][:start].tolist(), model.tokenizer.decode(labels[start:end], skip_special_tokens=True).strip()
 
 
 class Reporter:
