@@ -1,8 +1,10 @@
 """VLMConfig: command-line overrides, JSON round-trip, validation errors that name the field."""
 import dataclasses
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +142,13 @@ def test_scripts_answer_flags_before_importing_torch(script, argv, expected):
     out = subprocess.run([sys.executable, "-c", code, script, *argv], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert expected in out.stdout + out.stderr
     assert "True" not in out.stdout.split("EXIT")[1]
+
+
+def test_the_readme_gives_each_phases_learning_rate_as_the_config_does():
+    """The README's sentence on the phases' learning rates names each rate with the default it has (it said
+    lora_lr 2e-5 when the default was 1e-3)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    sentence = readme[readme.index("own learning rates"):].split("so the recipe")[0]
+    rates = dict(re.findall(r"`(\w+_lr)` ([0-9.e+-]+)", sentence))
+    assert set(rates) == {"projector_lr", "lora_lr", "lora_projector_lr", "full_lr"}, sentence
+    assert {name: float(v) for name, v in rates.items()} == {name: getattr(VLMConfig(), name) for name in rates}
