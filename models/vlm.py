@@ -93,6 +93,11 @@ class VLM(nn.Module):
             apply_lora(self.lm.base_model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         if cfg.phase in ("lora", "full") and cfg.lora_vision:
             apply_lora(self.vision, cfg.lora_vision_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        # Trainable weights are fp32 whatever dtype a backbone was saved in (transformers keeps it; the hub's SmolLM2
+        # is bf16): in bf16, AdamW's update of 2e-5 would round away for ~97% of the weights. Frozen ones keep theirs.
+        for p in self.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
         self.train()
 
     @classmethod
@@ -152,7 +157,7 @@ class VLM(nn.Module):
         with torch.set_grad_enabled(self.cfg.lora_vision and torch.is_grad_enabled()):
             feats = self.vision(pixel_values)                   # [B, N, Dv]
         torch._dynamo.maybe_mark_dynamic(feats, 0)
-        return self.projector(feats)
+        return self.projector(feats.float())  # a bf16 tower meets the fp32 projector (exact; autocast casts it back)
 
     def embed(self, input_ids, pixel_values):
         """input_ids [B, T]; pixel_values [B_img, 3, H, W]: the k-th block of image positions (in row order) takes the
