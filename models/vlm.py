@@ -82,6 +82,7 @@ class VLM(nn.Module):
         self.end_of_turn_id = end_of_turn_id(tokenizer)  # where generation stops, as training's labels do
         self.n_image_tokens = n_image_tokens(cfg)
         self.max_sample_len = self.n_image_tokens + cfg.max_text_tokens  # the longest sample a packed row holds
+        self.carried = set()  # names of frozen weights a checkpoint set (training.checkpoint.init_weights): saved too
         self.cuda_graphs = False  # training/speed.compile_blocks sets it when its blocks replay as CUDA graphs
         self.projector = Projector(vision.hidden_size, lm.config.hidden_size, cfg.projector_hidden_dim,
                                    cfg.pixel_unshuffle)
@@ -265,7 +266,7 @@ class VLM(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def trainable_state_dict(self):
-        """What a checkpoint holds: the trained weights (the projector, the adapters; in the full phase the LM too),
-        fp32 on the CPU."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        """What a checkpoint holds: the trained weights (the projector, the adapters; in the full phase the LM too) and
+        the frozen ones carried from init_from, fp32 on the CPU."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad} | self.carried
         return {n: t.detach().float().cpu().contiguous() for n, t in self.state_dict().items() if n in names}
