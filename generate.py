@@ -147,6 +147,7 @@ def export(model, out, source=None):
     model.float()
     strip_lora(model.lm)  # merge the adapters into the weights and put the plain nn.Linear back
     strip_lora(model.vision)
+    model.carried = set()  # the weights init_from set are in lm/ and vision/ now
     model.lm.save_pretrained(tmp / "lm")  # in fp32 too: its config.json says so, and it reloads as fp32
     model.tokenizer.save_pretrained(tmp / "lm")
     folders = {}  # config field -> the folder its tower is saved in

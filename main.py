@@ -46,10 +46,10 @@ from training.throughput import Meter  # noqa: E402
 # ----------------------------------------------------------------------------- model and optimizer
 def build_model(cfg, device, resuming, tokenizer=None):
     model = VLM.from_config(cfg, tokenizer)
-    if cfg.init_from and not resuming:  # start from an earlier run: its projector (and adapters, lora to lora)
-        init = checkpoint.resolve(cfg.init_from)
-        with_adapters = cfg.phase == "lora" and VLMConfig.load(init / "config.json").phase == "lora"
-        checkpoint.load_weights(model, init, only=None if with_adapters else "projector.")
+    if cfg.init_from and not resuming:  # start from an earlier run's model (a resumed run's checkpoint holds it)
+        line = checkpoint.init_weights(model, cfg.init_from)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(line)
     return model.place(device)
 
 

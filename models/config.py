@@ -36,7 +36,7 @@ class VLMConfig:
 
     # --- phase: "projector" (align, only the projector trains), "lora" (adapters + projector), "full" (LM + projector) ---
     phase: str = "projector"
-    init_from: str = ""  # lora and full phases: checkpoint dir of a projector run to start from
+    init_from: str = ""  # a checkpoint or run dir to start from, any phase (lora, full: needed); docs/checkpoints.md
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0  # peft's default (LLaVA: 0.05); trained as well in tools/sweep.py, and 1.2x faster (README)

@@ -29,7 +29,7 @@ class LoRALinear(nn.Module):
         return y + (self.dropout(x) @ a.t() @ b.t()) * self.scale
 
     def delta(self):
-        return (self.lora_B @ self.lora_A) * self.scale  # [out, in]
+        return lora_delta(self.lora_A, self.lora_B, self.scale)
 
     @torch.no_grad()
     def merge(self):
@@ -42,6 +42,11 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.base.weight -= self.delta().to(self.base.weight.dtype)
             self.merged = False
+
+
+def lora_delta(lora_A, lora_B, scale):
+    """What an adapter adds to the weight of the layer it adapts: [out, in]."""
+    return (lora_B @ lora_A) * scale
 
 
 def linear_names(model):

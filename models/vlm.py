@@ -82,6 +82,7 @@ class VLM(nn.Module):
         self.end_of_turn_id = end_of_turn_id(tokenizer)  # where generation stops, as training's labels do
         self.n_image_tokens = n_image_tokens(cfg)
         self.max_sample_len = self.n_image_tokens + cfg.max_text_tokens  # the longest sample a packed row holds
+        self.carried = set()  # names of frozen weights a checkpoint set (training.checkpoint.init_weights): saved too
         self.cuda_graphs = False  # training/speed.compile_blocks sets it when its blocks replay as CUDA graphs
         self.projector = Projector(vision.hidden_size, lm.config.hidden_size, cfg.projector_hidden_dim,
                                    cfg.pixel_unshuffle)
@@ -93,6 +94,11 @@ class VLM(nn.Module):
             apply_lora(self.lm.base_model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         if cfg.phase in ("lora", "full") and cfg.lora_vision:
             apply_lora(self.vision, cfg.lora_vision_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        # Trainable weights are fp32 whatever dtype a backbone was saved in (transformers keeps it; the hub's SmolLM2
+        # is bf16): in bf16, AdamW's update of 2e-5 would round away for ~97% of the weights. Frozen ones keep theirs.
+        for p in self.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
         self.train()
 
     @classmethod
@@ -152,7 +158,7 @@ class VLM(nn.Module):
         with torch.set_grad_enabled(self.cfg.lora_vision and torch.is_grad_enabled()):
             feats = self.vision(pixel_values)                   # [B, N, Dv]
         torch._dynamo.maybe_mark_dynamic(feats, 0)
-        return self.projector(feats)
+        return self.projector(feats.float())  # a bf16 tower meets the fp32 projector (exact; autocast casts it back)
 
     def embed(self, input_ids, pixel_values):
         """input_ids [B, T]; pixel_values [B_img, 3, H, W]: the k-th block of image positions (in row order) takes the
@@ -260,7 +266,7 @@ class VLM(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def trainable_state_dict(self):
-        """What a checkpoint holds: the trained weights (the projector, the adapters; in the full phase the LM too),
-        fp32 on the CPU."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        """What a checkpoint holds: the trained weights (the projector, the adapters; in the full phase the LM too) and
+        the frozen ones carried from init_from, fp32 on the CPU."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad} | self.carried
         return {n: t.detach().float().cpu().contiguous() for n, t in self.state_dict().items() if n in names}

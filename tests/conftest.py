@@ -47,6 +47,10 @@ def tiny_assets(tmp_path_factory):
 
 @pytest.fixture
 def tiny_cfg(tiny_assets, tmp_path):
+    return tiny_config(tiny_assets, tmp_path)
+
+
+def tiny_config(tiny_assets, tmp_path):
     """A config for the tiny model: CPU, no workers, 16 validation records, logs every step."""
     return VLMConfig(vision_model=tiny_assets.vision, lm_model=tiny_assets.lm, data_dir=tiny_assets.data_dir,
                      device="cpu", out_dir=str(tmp_path / "run"), projector_hidden_dim=64, max_text_tokens=64,

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory, out_dir/step_XXXXXXXX/ for a training run:
     config.json              the config that trained it (one source of truth for rebuilding the model)
-    trainable.safetensors    the projector and the adapters; the frozen backbones are rebuilt from their ids
+    trainable.safetensors    the projector and the adapters (the full phase: the LM too), and any frozen weights taken
+                             from init_from (init_weights); the rest of the backbones is rebuilt from their ids
     run.json                 which run wrote it (its id) and the data it trained on (what eval.py compares)
     train_state.pt           optimizer, scheduler, step, data and non-finite counts (training runs only)
     rng_<rank>.pt            each rank's RNG state (dropout differs per rank)
@@ -30,6 +31,7 @@ from safetensors.torch import load_file
 
 from data.download import chat_json_path, file_sha256
 from models.config import ConfigError, VLMConfig
+from models.lora import lora_delta
 from models.vlm import VLM
 
 WEIGHTS = "trainable.safetensors"
@@ -183,20 +185,20 @@ def save_model(model, path):
     (path / WEIGHTS).write_bytes(safetensors.torch.save(model.trainable_state_dict()))  # save_file would make it private (0600)
 
 
-def load_weights(model, path, only=None):
-    """Load a checkpoint's weights into `model`; `only` keeps names with that prefix (e.g. 'projector.')."""
+def load_weights(model, path):
+    """Load a checkpoint's weights into `model`: every trainable one, and the frozen ones it carries from its own
+    init_from (init_weights), which the model then carries on into its next checkpoints."""
     state = load_file(str(Path(path) / WEIGHTS))
-    if only:
-        state = {k: v for k, v in state.items() if k.startswith(only)}
-    expected = {n: p.shape for n, p in model.named_parameters() if p.requires_grad and (not only or n.startswith(only))}
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    misshaped = [n for n in set(expected) & set(state) if state[n].shape != expected[n]]
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    missing, unexpected = trainable - set(state), set(state) - set(params)
+    misshaped = [n for n in set(params) & set(state) if state[n].shape != params[n].shape]
     if missing or unexpected or misshaped:  # checked before anything is copied
         raise ValueError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}, other shape {sorted(misshaped)[:5]}")
-    for name, p in model.named_parameters():
-        if name in state:
-            p.data.copy_(state[name].to(p.dtype))
+    for name, tensor in state.items():
+        params[name].data.copy_(tensor.to(params[name].dtype))
+    model.carried = set(state) - trainable
     return model
 
 
@@ -208,6 +210,56 @@ def load_model(path):
         if getattr(cfg, name) and (path / getattr(cfg, name)).is_dir():
             setattr(cfg, name, str(path / getattr(cfg, name)))
     return load_weights(VLM.from_config(cfg), path)
+
+
+PARTS = {"lm.": ("the LM", "LM"), "vision.": ("the vision tower", "vision")}  # a checkpoint's name prefix: its words
+
+
+def unwrapped(name):
+    """A weight's name in the model without adapters (a LoRALinear holds the layer it adapts as .base)."""
+    return name.replace(".base.", ".")
+
+
+def init_weights(model, path):
+    """Start a new run's `model` as the model checkpoint `path` describes, as far as its phase holds it: the
+    projector, the LM's (and tower's) weights the checkpoint holds, and its adapters where the model has the same
+    ones, else merged into the weights they adapt (the model's fresh adapters start at zero: its outputs stay the
+    source's). A projector phase keeps a trained LM too: the source's projector learned to feed that LM. The frozen
+    weights taken are carried into the run's checkpoints, as the backbones' own files do not hold them. Returns the
+    line that says what was taken."""
+    path = resolve(path)
+    source = VLMConfig.load(path / "config.json")
+    state = load_file(str(path / WEIGHTS))
+    params = dict(model.named_parameters())
+    names = {unwrapped(n): n for n in params}  # a model without adapters' names -> this model's
+    same_scale = source.lora_alpha / source.lora_r == model.cfg.lora_alpha / model.cfg.lora_r
+    taken = ["projector"]
+
+    def take(name, tensor):
+        p = params[name]
+        p.data.copy_(tensor.to(p.dtype))
+        if not p.requires_grad:
+            model.carried.add(name)
+
+    for name, tensor in state.items():  # the weights before the adapters, which may adapt them
+        if ".lora_" not in name:
+            take(names[unwrapped(name)], tensor)
+    for prefix, (whole, short) in PARTS.items():
+        if any(n.startswith(prefix) and ".lora_" not in n for n in state):
+            taken.append(f"{whole}'s weights")
+        adapters = {n: t for n, t in state.items() if n.startswith(prefix) and ".lora_" in n}
+        if adapters and same_scale and all(n in params and params[n].shape == t.shape for n, t in adapters.items()):
+            for name, tensor in adapters.items():
+                take(name, tensor)
+            taken.append(f"{short} adapters")
+        elif adapters:
+            for layer in {n.rsplit(".", 1)[0] for n in adapters}:
+                weight = names[unwrapped(layer) + ".weight"]
+                delta = lora_delta(adapters[layer + ".lora_A"], adapters[layer + ".lora_B"],
+                                   source.lora_alpha / source.lora_r)
+                take(weight, params[weight].detach() + delta)  # summed in fp32, whatever the weight's dtype
+            taken.append(f"{short} adapters merged into {whole}")
+    return f"init_from {path} (phase {source.phase}): {', '.join(taken)}"
 
 
 # ----------------------------------------------------------------------------- training state and RNG
