@@ -31,7 +31,8 @@ class VLMConfig:
     vision_feature_layer: int = -1  # -1: final (post-layernorm) output; -2: penultimate layer, as in LLaVA
     pixel_unshuffle: int = 2  # merge s x s neighbouring patches: 196 -> 49 image tokens at s=2; 1 = off
     image_fit: str = "resize"  # resize (as the tower's processor does) | letterbox (pad to a square first)
-    projector_hidden_dim: int = 2048
+    projector: str = "swiglu"  # swiglu | mlp (LLaVA's; exports as Llava) | linear (SmolVLM's; as Idefics3): docs/export.md
+    projector_hidden_dim: int = 2048  # the swiglu projector's (mlp's hidden size is the LM's, as in LLaVA)
     max_text_tokens: int = 128  # text tokens per sample; image tokens come on top and are never truncated
 
     # --- phase: "projector" (align, only the projector trains), "lora" (adapters + projector), "full" (LM + projector) ---
@@ -114,6 +115,11 @@ class VLMConfig:
                 bad(name, "must be >= 0")
         if self.preset not in PRESETS:
             bad("preset", f"must be one of {', '.join(PRESETS)}")
+        if self.projector not in PROJECTORS:
+            bad("projector", f"must be one of {', '.join(PROJECTORS)}")
+        if self.projector == "mlp" and self.pixel_unshuffle != 1:
+            bad("projector", f"LLaVA's mlp projector takes every patch, unmerged: pass --pixel_unshuffle 1 with it "
+                f"(it is {self.pixel_unshuffle}), or use --projector linear, which merges patches as SmolVLM does")
         if self.image_fit not in ("resize", "letterbox"):
             bad("image_fit", "must be 'resize' or 'letterbox'")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -147,6 +153,7 @@ class VLMConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+PROJECTORS = ("swiglu", "mlp", "linear")  # models/projector.py builds each
 RETIRED = {"pad_multiple"}  # fields of older versions, read without a warning (packing made pad_multiple moot)
 
 

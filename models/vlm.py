@@ -1,4 +1,4 @@
-"""The joined model: vision tower(s) (frozen) -> SwiGLU projector -> causal LM (frozen, or LoRA in phase 2)."""
+"""The joined model: vision tower(s) (frozen) -> projector -> causal LM (frozen, or LoRA in phase 2)."""
 import contextlib
 from dataclasses import dataclass
 
@@ -11,7 +11,7 @@ from models.attention import PACKED_ATTENTION
 from models.config import ConfigError, VLMConfig
 from models.hub import from_hub
 from models.lora import apply_lora, linear_names
-from models.projector import Projector
+from models.projector import build_projector
 from models.prompt import (DEFAULT_PROMPT, IMAGE_TOKEN, encode, encode_prompt, end_of_turn_id, label_positions,
                            prepare_tokenizer)
 from models.vision import load_vision, n_image_tokens, tower_class, tower_names, vision_config
@@ -84,8 +84,7 @@ class VLM(nn.Module):
         self.max_sample_len = self.n_image_tokens + cfg.max_text_tokens  # the longest sample a packed row holds
         self.carried = set()  # names of frozen weights a checkpoint set (training.checkpoint.init_weights): saved too
         self.cuda_graphs = False  # training/speed.compile_blocks sets it when its blocks replay as CUDA graphs
-        self.projector = Projector(vision.hidden_size, lm.config.hidden_size, cfg.projector_hidden_dim,
-                                   cfg.pixel_unshuffle)
+        self.projector = build_projector(cfg, vision.hidden_size, lm.config.hidden_size)
         self.vision.requires_grad_(False)
         self.lm.requires_grad_(cfg.phase == "full")  # the full phase trains every LM weight
         if cfg.gradient_checkpointing:

@@ -42,7 +42,7 @@ RESUMABLE_CHANGES = ("preset", "cache_dir", "num_workers", "max_bad_fraction", "
                      "device", "compile", "cuda_graphs", "gradient_checkpointing", "log_every", "eval_every",
                      "eval_captions", "metric_records", "save_every", "keep_last", "out_dir", "resume", "wandb_project")
 SAME_BACKBONES = ("vision_model", "fused_vision_model", "lm_model", "vision_feature_layer", "pixel_unshuffle",
-                  "projector_hidden_dim")
+                  "projector", "projector_hidden_dim")
 
 
 # ----------------------------------------------------------------------------- finding checkpoints

@@ -22,8 +22,8 @@ def flop_counter(model):
     written out so it can be checked. The parameter counts are taken once, here.
 
     vision (frozen, forward only):      2 * P_v * N  + 4 * L_v * N^2 * D_v          per image and tower
-    projector (trained; its input       4 * P_gate_up * n_img + 6 * P_down * n_img    per image
-        needs no gradient):
+    projector (trained; its input       4 * P_in * n_img + 6 * P_rest * n_img         per image
+        needs no gradient):               (P_in: the layers reading the features, e.g. SwiGLU's gate and up)
     LM (frozen: forward, plus backward  4 * P_lm * T + 12 * L * T^2 * D            per sample of T tokens
         to the activations only):       + 6 * P_lora * T  (adapters get weight gradients too)
     LM head (label positions only):     4 * V * D                                   per label token
@@ -32,11 +32,11 @@ def flop_counter(model):
     lm, n_patches = model.lm.config, model.vision.n_patches  # class/register tokens left out: a rounding error
     p_vision, _ = matmul_params(model.vision)
     attention = sum(len(encoder_layers(t)) * t.config.hidden_size for t in model.vision.towers)  # layers as cut
-    p_down, _ = matmul_params(model.projector.down)
-    p_gate_up = matmul_params(model.projector)[0] - p_down
+    p_in = sum(matmul_params(layer)[0] for layer in model.projector.input_layers())
+    p_rest = matmul_params(model.projector)[0] - p_in
     p_lm, p_lora = matmul_params(model.lm.base_model)
     per_image = 2 * p_vision * n_patches + 4 * attention * n_patches ** 2 \
-        + (4 * p_gate_up + 6 * p_down) * model.n_image_tokens
+        + (4 * p_in + 6 * p_rest) * model.n_image_tokens
     passes = 6 if model.cfg.phase == "full" else 4  # forward, gradient to the activations, (to the weights)
     per_token, per_token_pair = passes * p_lm + 6 * p_lora, 12 * lm.num_hidden_layers * lm.hidden_size
     per_label = passes * lm.vocab_size * lm.hidden_size
