@@ -47,9 +47,11 @@ def to_native(model):
     tower = merged_tower(model)
     native = builders[model.cfg.projector](model, tower)
     lm = strip_lora(copy.deepcopy(model.lm)).float()
-    text = native.model.get_decoder() if hasattr(native.model, "get_decoder") else native.model.language_model
-    text.load_state_dict(grown_vocabulary(lm.base_model.state_dict(), native.config.text_config.vocab_size))
+    native.get_decoder().load_state_dict(grown_vocabulary(lm.base_model.state_dict(), native.config.text_config.vocab_size))
     native.lm_head.weight.data.copy_(grown_rows(lm.get_output_embeddings().weight, native.config.text_config.vocab_size))
+    # generate() stops where tinyvlm's does: at the end of the reply (not always the eos: Llama 3, Phi-3), or the text
+    native.generation_config.eos_token_id = [model.end_of_turn_id, model.tokenizer.eos_token_id]
+    native.generation_config.pad_token_id = model.tokenizer.pad_token_id
     return native.eval()
 
 

@@ -66,11 +66,13 @@ CPU_ATTENTION = {
         lambda grad_out, q, k, v, *args, **kwargs: sdpa_backward_flop_count(grad_out, q, *as_query_heads(q, k, v))}
 
 
-@pytest.mark.parametrize("phase", ["projector", "lora", "full"])
-def test_written_flop_count_matches_pytorch_flop_counter(tiny_cfg, tiny_batch, phase):
+@pytest.mark.parametrize("phase, projector", [("projector", "swiglu"), ("lora", "swiglu"), ("full", "swiglu"),
+                                               ("projector", "mlp"), ("projector", "linear")])
+def test_written_flop_count_matches_pytorch_flop_counter(tiny_cfg, tiny_batch, phase, projector):
     """The MFU numerator (flop_counter, a formula) against what torch counts for one real training
     forward + backward. One caption for all rows, so no padding: every counted token is a real one."""
-    model = VLM.from_config(dataclasses.replace(tiny_cfg, phase=phase))
+    unshuffle = 1 if projector == "mlp" else tiny_cfg.pixel_unshuffle  # LLaVA's projector takes every patch
+    model = VLM.from_config(dataclasses.replace(tiny_cfg, phase=phase, projector=projector, pixel_unshuffle=unshuffle))
     batch = tiny_batch(model, ["a red circle at the center ."] * 4)
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         model(**batch).loss_sum.backward()

@@ -115,6 +115,8 @@ def test_defaults_are_valid():
     ({"lora_lr": float("nan")}, "lora_lr"),
     ({"lora_dropout": 1.0}, "lora_dropout"),
     ({"device": "tpu"}, "device"),
+    ({"projector": "qformer"}, "projector"),
+    ({"projector": "mlp"}, "projector"),  # it needs pixel_unshuffle 1
     ({"data_dir": "/no/such/dir/for/tinyvlm"}, "data_dir"),
 ])
 def test_validate_names_the_field(changes, field):
