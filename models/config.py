@@ -31,7 +31,7 @@ class VLMConfig:
     vision_feature_layer: int = -1  # -1: final (post-layernorm) output; -2: penultimate layer, as in LLaVA
     pixel_unshuffle: int = 2  # merge s x s neighbouring patches: 196 -> 49 image tokens at s=2; 1 = off
     image_fit: str = "resize"  # resize (as the tower's processor does) | letterbox (pad to a square first)
-    projector: str = "swiglu"  # swiglu | mlp (LLaVA's; exports as Llava) | linear (SmolVLM's; as Idefics3): docs/export.md
+    projector: str = "swiglu"  # swiglu | mlp (LLaVA's: exports as Llava) | linear (SmolVLM's: Idefics3); docs/export.md
     projector_hidden_dim: int = 2048  # the swiglu projector's (mlp's hidden size is the LM's, as in LLaVA)
     max_text_tokens: int = 128  # text tokens per sample; image tokens come on top and are never truncated
 

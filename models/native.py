@@ -46,9 +46,9 @@ def to_native(model):
                          "export a native one, or use generate.py --export for a tinyvlm checkpoint")
     tower = merged_tower(model)
     native = builders[model.cfg.projector](model, tower)
-    lm = strip_lora(copy.deepcopy(model.lm)).float()
-    native.get_decoder().load_state_dict(grown_vocabulary(lm.base_model.state_dict(), native.config.text_config.vocab_size))
-    native.lm_head.weight.data.copy_(grown_rows(lm.get_output_embeddings().weight, native.config.text_config.vocab_size))
+    lm, rows = strip_lora(copy.deepcopy(model.lm)).float(), native.config.text_config.vocab_size
+    native.get_decoder().load_state_dict(grown_vocabulary(lm.base_model.state_dict(), rows))
+    native.lm_head.weight.data.copy_(grown_rows(lm.get_output_embeddings().weight, rows))
     # generate() stops where tinyvlm's does: at the end of the reply (not always the eos: Llama 3, Phi-3), or the text
     native.generation_config.eos_token_id = [model.end_of_turn_id, model.tokenizer.eos_token_id]
     native.generation_config.pad_token_id = model.tokenizer.pad_token_id
@@ -86,9 +86,10 @@ def grown_vocabulary(lm_state, rows):
 def vision_kwargs(tower):
     """The SigLIP tower's shape, as it was cut (models/vision.py truncate keeps only the layers it uses)."""
     c = tower.config
-    return dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_attention_heads=c.num_attention_heads,
-                num_hidden_layers=len(encoder_layers(tower)), num_channels=c.num_channels, image_size=c.image_size,
-                patch_size=c.patch_size, hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps)
+    return dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                num_attention_heads=c.num_attention_heads, num_hidden_layers=len(encoder_layers(tower)),
+                num_channels=c.num_channels, image_size=c.image_size, patch_size=c.patch_size, hidden_act=c.hidden_act,
+                layer_norm_eps=c.layer_norm_eps)
 
 
 def to_llava(model, tower):
@@ -131,5 +132,6 @@ def llava_processor(model):
     """Text and images as training made them: the LM's chat template, <image> expanded to one token per patch, the
     tower's own resize and normalisation (a letterboxed run's images must be padded to a square first)."""
     return LlavaProcessor(image_processor=model.processor, tokenizer=model.tokenizer,
-                          chat_template=model.tokenizer.chat_template, patch_size=model.vision.towers[0].config.patch_size,
-                          vision_feature_select_strategy="full", image_token=IMAGE_TOKEN, num_additional_image_tokens=0)
+                          chat_template=model.tokenizer.chat_template,
+                          patch_size=model.vision.towers[0].config.patch_size, vision_feature_select_strategy="full",
+                          image_token=IMAGE_TOKEN, num_additional_image_tokens=0)
