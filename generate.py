@@ -9,6 +9,12 @@ stderr, the others are still captioned, and the exit code is 1.
 --export merges the LoRA adapters into the LM (in fp32; a full-phase LM is written as it trained) and writes a
 checkpoint that needs no adapters (its lm/ folder is a plain transformers model). It writes a new or empty folder, or replaces a previous export: a folder
 whose config.json names lm_model "lm" and that holds lm/ (what an export writes); any other folder is refused.
+The export also loads with transformers alone, outside this repo (models/modeling_tinyvlm.py, shipped in it):
+    model = AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(DIR, trust_remote_code=True)
+    inputs = processor.apply_chat_template([{"role": "user", "content": [{"type": "image", "image": pil_image},
+        {"type": "text", "text": "Describe it."}]}], tokenize=True, return_dict=True)
+    model.generate(**inputs)  # or pipeline("image-text-to-text", model=DIR, trust_remote_code=True)
 """
 import json
 import sys

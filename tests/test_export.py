@@ -93,3 +93,9 @@ def check_outside(folder, tmp_path, prompt="Describe the image."):
 @pytest.mark.parametrize("phase", ["projector", "lora", "full"])
 def test_the_tiny_export_loads_in_plain_transformers(tiny_cfg, tmp_path, phase):
     check_outside(exported(tiny_cfg, tmp_path, phase=phase), tmp_path)
+
+
+def test_the_real_smollm2_export_loads_in_plain_transformers(tiny_cfg, tmp_path):
+    """SmolLM2's own tokenizer and ChatML template (its stop token <|im_end|>), LoRA merged."""
+    cfg = dataclasses.replace(tiny_cfg, lm_model=str(smollm2_dir()), max_text_tokens=96)
+    check_outside(exported(cfg, tmp_path, phase="lora"), tmp_path)
