@@ -9,6 +9,12 @@ stderr, the others are still captioned, and the exit code is 1.
 --export merges the LoRA adapters into the LM (in fp32; a full-phase LM is written as it trained) and writes a
 checkpoint that needs no adapters (its lm/ folder is a plain transformers model). It writes a new or empty folder, or replaces a previous export: a folder
 whose config.json names lm_model "lm" and that holds lm/ (what an export writes); any other folder is refused.
+The export also loads with transformers alone, outside this repo (models/modeling_tinyvlm.py, shipped in it):
+    model = AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(DIR, trust_remote_code=True)
+    inputs = processor.apply_chat_template([{"role": "user", "content": [{"type": "image", "image": pil_image},
+        {"type": "text", "text": "Describe it."}]}], tokenize=True, return_dict=True)
+    model.generate(**inputs)  # or pipeline("image-text-to-text", model=DIR, trust_remote_code=True)
 """
 import json
 import sys
@@ -92,12 +98,14 @@ import shutil  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoImageProcessor  # noqa: E402
+from transformers import AutoImageProcessor, GenerationConfig  # noqa: E402
+from transformers.dynamic_module_utils import get_relative_import_files  # noqa: E402
 
 from training import checkpoint  # noqa: E402
 from data.llava import decode_image  # noqa: E402
 from models.config import ConfigError  # noqa: E402
 from models.hub import HubError, from_hub  # noqa: E402
+from models import modeling_tinyvlm  # noqa: E402
 from models.lora import strip_lora  # noqa: E402
 from models.prompt import SampleError  # noqa: E402
 from models.vision import image_pixels, tower_class, vision_config  # noqa: E402
@@ -160,11 +168,32 @@ def export(model, out, source=None):
                                     **folders)
     model.lm.requires_grad_(False)
     checkpoint.save_model(model, tmp)
+    ship_code(model, tmp)
     if source and (Path(source) / checkpoint.RUN_INFO).is_file():
         shutil.copyfile(Path(source) / checkpoint.RUN_INFO, tmp / checkpoint.RUN_INFO)
     if out.exists():
         shutil.rmtree(out)  # an empty folder or a previous export (export_refusal)
     os.replace(tmp, out)
+
+
+def ship_code(model, out):
+    """Make `out` loadable by transformers alone (models/modeling_tinyvlm.py): the models/ files that file imports,
+    auto_map in config.json and processor_config.json, and the generation settings of VLM.generate."""
+    code = Path(modeling_tinyvlm.__file__)
+    for f in [code, *map(Path, get_relative_import_files(code))]:
+        shutil.copyfile(f, out / f.name)
+    module = code.stem
+    config = json.loads((out / "config.json").read_text())
+    config.update(model_type="tinyvlm", architectures=["TinyVLMForConditionalGeneration"],
+                  auto_map={"AutoConfig": f"{module}.TinyVLMConfig",
+                            "AutoModelForImageTextToText": f"{module}.TinyVLMForConditionalGeneration",
+                            "AutoProcessor": f"{module}.TinyVLMProcessor"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    processor = dict(processor_class="TinyVLMProcessor", auto_map={"AutoProcessor": f"{module}.TinyVLMProcessor"},
+                     n_image_tokens=model.n_image_tokens, image_fit=model.cfg.image_fit)
+    (out / modeling_tinyvlm.PROCESSOR_CONFIG).write_text(json.dumps(processor, indent=2) + "\n")
+    GenerationConfig(eos_token_id=[model.end_of_turn_id, model.tokenizer.eos_token_id], do_sample=False,
+                     pad_token_id=model.tokenizer.pad_token_id, max_new_tokens=32).save_pretrained(out)
 
 
 def export_tower(name, tower, out):

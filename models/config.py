@@ -142,7 +142,7 @@ class VLMConfig:
     @classmethod
     def from_dict(cls, d):
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(known) - RETIRED)
+        unknown = sorted(set(d) - set(known) - RETIRED - TRANSFORMERS_KEYS)
         if unknown:
             warnings.warn(f"ignoring config keys this version of tinyvlm does not know: {unknown} "
                           "(the checkpoint was written by another version)")
@@ -155,6 +155,8 @@ class VLMConfig:
 
 PROJECTORS = ("swiglu", "mlp", "linear")  # models/projector.py builds each
 RETIRED = {"pad_multiple"}  # fields of older versions, read without a warning (packing made pad_multiple moot)
+# What an export's config.json adds for transformers (models/modeling_tinyvlm.py), read without a warning
+TRANSFORMERS_KEYS = {"model_type", "architectures", "auto_map"}
 
 
 # The reference recipes (README, "Beyond SigLIP + SmolLM2"), each a starting point that sets a few fields. Phase 1

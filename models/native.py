@@ -17,9 +17,9 @@ import torch
 from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor)
 
-from models.lora import strip_lora
-from models.prompt import IMAGE_TOKEN
-from models.vision import encoder_layers
+from .lora import strip_lora
+from .prompt import IMAGE_TOKEN
+from .vision import encoder_layers
 
 
 def native_export(model, out_dir):

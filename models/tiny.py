@@ -15,7 +15,7 @@ from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPi
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from models.vision import tower_class
+from .vision import tower_class
 
 # SmolLM2-Instruct's ChatML template, default system prompt included, so the demo formats like the real LM.
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

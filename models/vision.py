@@ -15,8 +15,8 @@ from PIL import Image, ImageOps
 from transformers import AutoConfig, AutoImageProcessor
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from models.config import ConfigError
-from models.hub import from_hub
+from .config import ConfigError
+from .hub import from_hub
 
 
 def tower_names(cfg):

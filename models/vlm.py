@@ -1,20 +1,22 @@
 """The joined model: vision tower(s) (frozen) -> projector -> causal LM (frozen, or LoRA in phase 2)."""
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from models.attention import PACKED_ATTENTION
-from models.config import ConfigError, VLMConfig
-from models.hub import from_hub
-from models.lora import apply_lora, linear_names
-from models.projector import build_projector
-from models.prompt import (DEFAULT_PROMPT, IMAGE_TOKEN, encode, encode_prompt, end_of_turn_id, label_positions,
+from .attention import PACKED_ATTENTION
+from .config import ConfigError, VLMConfig
+from .hub import from_hub
+from .lora import apply_lora, linear_names
+from .projector import build_projector
+from .prompt import (DEFAULT_PROMPT, IMAGE_TOKEN, encode, encode_prompt, end_of_turn_id, label_positions,
                            prepare_tokenizer)
-from models.vision import load_vision, n_image_tokens, tower_class, tower_names, vision_config
+from .vision import load_vision, n_image_tokens, tower_class, tower_names, vision_config
 
 
 def _check_targets(field, targets, model):
@@ -59,6 +61,26 @@ def load_tokenizer(cfg: VLMConfig):
     except ValueError as e:
         raise ConfigError(f"config field 'lm_model' = {cfg.lm_model!r}: {e}") from None
     return tokenizer
+
+
+WEIGHTS = "trainable.safetensors"  # a checkpoint's trained weights, beside its config.json
+
+
+def load_weights(model, path):
+    """Load a checkpoint's weights into `model`: every trainable one, and the frozen ones it carries from its own
+    init_from (training.checkpoint.init_weights), which the model then carries on into its next checkpoints."""
+    state = load_file(str(Path(path) / WEIGHTS))
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    missing, unexpected = trainable - set(state), set(state) - set(params)
+    misshaped = [n for n in set(params) & set(state) if state[n].shape != params[n].shape]
+    if missing or unexpected or misshaped:  # checked before anything is copied
+        raise ValueError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}, other shape {sorted(misshaped)[:5]}")
+    for name, tensor in state.items():
+        params[name].data.copy_(tensor.to(params[name].dtype))
+    model.carried = set(state) - trainable
+    return model
 
 
 @dataclass
@@ -108,6 +130,17 @@ class VLM(nn.Module):
         tokenizer = tokenizer or load_tokenizer(cfg)
         vision, processor = load_vision(cfg)
         return cls(cfg, vision, processor, from_hub(AutoModelForCausalLM, cfg.lm_model), tokenizer)
+
+    @classmethod
+    def from_checkpoint(cls, path):
+        """The model a checkpoint directory describes: its config's backbones plus its weights. An export names the
+        backbones it holds relative to itself (so it can be moved): those names become paths into it."""
+        path = Path(path)
+        cfg = VLMConfig.load(path / "config.json")
+        for name in ("vision_model", "fused_vision_model", "lm_model"):
+            if getattr(cfg, name) and (path / getattr(cfg, name)).is_dir():
+                setattr(cfg, name, str(path / getattr(cfg, name)))
+        return load_weights(cls.from_config(cfg), path)
 
     def train(self, mode=True):
         super().train(mode)
@@ -236,9 +269,16 @@ class VLM(nn.Module):
     def generate_from_ids(self, prompts, pixel_values, max_new_tokens=32, temperature=0.0, top_p=1.0, streamer=None):
         """prompts: token ids per row, each ending with the assistant header (models.prompt.encode with
         generation_prompt=True), its image positions expanded; pixel_values: the images of the rows that have them,
-        in row order. Rows are left-padded and masked, so each is decoded as if alone: the vision tower runs once per
-        image, then the LM decodes with its KV cache; each row stops at its own end-of-turn token. A transformers
-        streamer (one row only) receives the tokens as they come, e.g. TextIteratorStreamer for app.py."""
+        in row order. Returns the replies as text (generate_tokens: as token ids)."""
+        out = self.generate_tokens(prompts, pixel_values, max_new_tokens, temperature, top_p, streamer)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate_tokens(self, prompts, pixel_values, max_new_tokens=32, temperature=0.0, top_p=1.0, streamer=None):
+        """The new tokens of each row [B, n] (padded after its end), for generate_from_ids' arguments. Rows are
+        left-padded and masked, so each is decoded as if alone: the vision tower runs once per image, then the LM
+        decodes with its KV cache; each row stops at its own end-of-turn token. A transformers streamer (one row only)
+        receives the tokens as they come, e.g. TextIteratorStreamer for app.py."""
         T = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), T), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -262,7 +302,7 @@ class VLM(nn.Module):
         finally:
             self.lm.set_attn_implementation(PACKED_ATTENTION)
             self.train(was_training)
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return out
 
     def trainable_state_dict(self):
         """What a checkpoint holds: the trained weights (the projector, the adapters; in the full phase the LM too) and

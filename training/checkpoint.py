@@ -32,9 +32,8 @@ from safetensors.torch import load_file
 from data.download import chat_json_path, file_sha256
 from models.config import ConfigError, VLMConfig
 from models.lora import lora_delta
-from models.vlm import VLM
+from models.vlm import VLM, WEIGHTS, load_weights
 
-WEIGHTS = "trainable.safetensors"
 RUN_INFO = "run.json"
 # Fields a resumed run may change: they do not touch the math of training. Any other change stops the run. (A
 # preset only sets other fields, which are compared themselves.)
@@ -185,31 +184,9 @@ def save_model(model, path):
     (path / WEIGHTS).write_bytes(safetensors.torch.save(model.trainable_state_dict()))  # save_file would make it private (0600)
 
 
-def load_weights(model, path):
-    """Load a checkpoint's weights into `model`: every trainable one, and the frozen ones it carries from its own
-    init_from (init_weights), which the model then carries on into its next checkpoints."""
-    state = load_file(str(Path(path) / WEIGHTS))
-    params = dict(model.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
-    missing, unexpected = trainable - set(state), set(state) - set(params)
-    misshaped = [n for n in set(params) & set(state) if state[n].shape != params[n].shape]
-    if missing or unexpected or misshaped:  # checked before anything is copied
-        raise ValueError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}, other shape {sorted(misshaped)[:5]}")
-    for name, tensor in state.items():
-        params[name].data.copy_(tensor.to(params[name].dtype))
-    model.carried = set(state) - trainable
-    return model
-
-
 def load_model(path):
     """The model a checkpoint (or a run's out_dir) describes: its config's backbones plus its weights."""
-    path = resolve(path)
-    cfg = VLMConfig.load(path / "config.json")
-    for name in ("vision_model", "fused_vision_model", "lm_model"):  # an exported checkpoint names its backbones relative to itself
-        if getattr(cfg, name) and (path / getattr(cfg, name)).is_dir():
-            setattr(cfg, name, str(path / getattr(cfg, name)))
-    return load_weights(VLM.from_config(cfg), path)
+    return VLM.from_checkpoint(resolve(path))
 
 
 PARTS = {"lm.": ("the LM", "LM"), "vision.": ("the vision tower", "vision")}  # a checkpoint's name prefix: its words
