@@ -38,15 +38,19 @@ def parse_args(argv):
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--export", metavar="DIR", help="merge the LoRA adapters into the LM and write DIR")
+    p.add_argument("--native", metavar="DIR", help="write a new folder DIR as transformers' own class (a model trained "
+                   "with --projector mlp: Llava; linear: Idefics3), loadable with no remote code (docs/export.md)")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).expanduser().exists():
         p.error(f"--checkpoint {args.checkpoint}: no such directory (a checkpoint, or a run's out_dir)")
-    if not args.images and not args.export:
+    if not args.images and not args.export and not args.native:
         p.error("no images given; pass one or more image files after the flags")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("need --batch_size >= 1, --max_new_tokens >= 1, --temperature >= 0 and 0 < --top_p <= 1")
     if args.export and (refusal := export_refusal(Path(args.export).expanduser())):
         p.error(refusal)
+    if args.native and Path(args.native).expanduser().exists() and any(Path(args.native).expanduser().iterdir()):
+        p.error(f"--native {args.native}: that folder is not empty; name a new one")
     args.images = image_files(p, args.images)
     return args
 
@@ -107,6 +111,7 @@ from models.config import ConfigError  # noqa: E402
 from models.hub import HubError, from_hub  # noqa: E402
 from models import modeling_tinyvlm  # noqa: E402
 from models.lora import strip_lora  # noqa: E402
+from models.native import native_export  # noqa: E402
 from models.prompt import SampleError  # noqa: E402
 from models.vision import image_pixels, tower_class, vision_config  # noqa: E402
 
@@ -221,6 +226,12 @@ def main(argv):
     if args.export:
         export(model, args.export, source=path)
         print(f"exported {path} to {args.export}", file=sys.stderr)
+    if args.native:
+        try:
+            native_export(model, args.native)
+        except ValueError as e:  # a projector or tower with no transformers class: what to train instead
+            sys.exit(f"error: {e}")
+        print(f"exported {path} to {args.native} as transformers' own class", file=sys.stderr)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     model.place("cuda" if cuda else "cpu")
     torch.manual_seed(args.seed)

@@ -9,6 +9,7 @@ from transformers import Idefics3ForConditionalGeneration, LlavaForConditionalGe
 from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
 
 import main
+from generate import main as generate_main
 from training import checkpoint
 from models.config import ConfigError
 from models.native import native_export, to_native
@@ -106,10 +107,11 @@ def test_mlp_needs_every_patch(tiny_cfg):
 
 
 @pytest.mark.parametrize("projector", NATIVE)
-def test_one_training_step_then_native(tiny_cfg, projector):
+def test_one_training_step_then_native(tiny_cfg, projector, tmp_path):
+    """Trained by the loop, written by `generate.py --native`, loaded by transformers' own class."""
     cfg = dataclasses.replace(tiny_cfg, projector=projector, max_steps=1, **NATIVE[projector][1])
     assert main.train(cfg)["step"] == 1
-    model = checkpoint.load_model(cfg.out_dir)  # the trained projector, as generate.py would load it
-    native = to_native(model)
-    assert isinstance(native, NATIVE[projector][0])
+    generate_main(["--checkpoint", cfg.out_dir, "--native", str(tmp_path / "native")])
+    model = checkpoint.load_model(cfg.out_dir)
+    native = NATIVE[projector][0].from_pretrained(tmp_path / "native")
     same_logits(model, native, torch.randint(0, 256, (1, *model.vision.pixel_shape), dtype=torch.uint8))
