@@ -13,6 +13,7 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from conftest import tiny_config  # noqa: E402
 from models.prompt import IGNORE  # noqa: E402
 from models.vision import image_pixels  # noqa: E402
 from models.vlm import VLM  # noqa: E402
@@ -75,7 +76,6 @@ def tiny_tasks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_assets, tmp_path_factory):
-    from tests.conftest import tiny_config
     return VLM.from_config(tiny_config(tiny_assets, tmp_path_factory.mktemp("run"))).eval()
 
 
@@ -93,7 +93,7 @@ def test_loglikelihood_is_the_training_loss_of_the_reply(tiny_model):
     see = lambda doc: [doc["image"]]  # noqa: E731
     asked = [("Is it red?", " yes"), ("What colour is the shape in this picture?", " a dark red"), ("Red?", " no")]
     got = model.loglikelihood(requests(*[(q, a, see, 0, "t", "test") for q, a in asked]))
-    for (question, answer), (logprob, greedy) in zip(asked, got):
+    for (question, answer), (logprob, greedy) in zip(asked, (r.text for r in got)):
         ids, labels = model._encode(question, [image], reply=answer.strip())
         labels[max(i for i, label in enumerate(labels) if label != IGNORE)] = IGNORE  # the end-of-turn token
         pixels = image_pixels(tiny_model.processor, [image])

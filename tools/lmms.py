@@ -43,6 +43,7 @@ if __name__ == "__main__":  # bad arguments answer now, before the slow imports 
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from lmms_eval.api.instance import GenerationResult  # noqa: E402
 from lmms_eval.api.model import lmms  # noqa: E402
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
@@ -122,7 +123,8 @@ class TinyVLM(lmms):
         """(log p(continuation | context), whether greedy decoding gives it) per request: the continuation is the
         assistant's reply (the harness's leading space, a word boundary for plain LMs, is no part of a chat reply), its
         end-of-turn token left out: an option's score is that of its words. One forward over each batch of prompt +
-        reply rows, right-padded (causal: a row never sees its padding)."""
+        reply rows, right-padded (causal: a row never sees its padding). Each pair is wrapped in a GenerationResult:
+        lmms-eval 0.7.3's evaluator turns any other tuple into its str(), which its multiple-choice scoring cannot read."""
         results = [None] * len(requests)
         autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
         for chunk, batch in self._batches(requests):
@@ -143,8 +145,8 @@ class TinyVLM(lmms):
                 at = torch.tensor([t for t, label in enumerate(labels) if label != IGNORE][:-1])  # the reply's tokens
                 targets = ids[r, at].to(self.device)
                 predicted = logprobs[r, at - 1]  # position t - 1 predicts token t
-                results[i] = (predicted.gather(-1, targets[:, None]).sum().item(),
-                              bool((predicted.argmax(-1) == targets).all()))
+                results[i] = GenerationResult((predicted.gather(-1, targets[:, None]).sum().item(),
+                                               bool((predicted.argmax(-1) == targets).all())))
         return results
 
     def generate_until_multi_round(self, requests):
