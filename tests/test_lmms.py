@@ -116,29 +116,28 @@ def test_generate_until_answers_as_generate_does(tiny_model):
 
 
 @pytest.mark.slow
-def test_tasks_score_into_the_checkpoint_and_never_overwrite(tiny_model, tiny_tasks, tmp_path, capsys):
+def test_tasks_score_into_the_checkpoint_and_never_overwrite(tiny_model, tiny_tasks, tmp_path):
     path = tmp_path / "ckpt"
     checkpoint.save_model(tiny_model, path)
     run = ["--checkpoint", str(path), "--include_path", str(tiny_tasks), "--device", "cpu", "--batch_size", "4"]
+    read = lambda name: json.loads((path / "lmms_eval" / name).read_text())  # noqa: E731
     scores = lmms.main(run + ["--tasks", "tiny_yesno"])
-    first = path / "lmms_eval" / "tiny_yesno.json"
-    written = json.loads(first.read_text())
-    assert 0 <= written["results"]["tiny_yesno"]["exact_match,none"] <= 1
+    written = read("tiny_yesno.json")
+    score = written["results"]["tiny_yesno"]["exact_match,none"]
+    assert 0 <= score <= 1 and scores["tiny_yesno"]["tiny_yesno"]["exact_match,none"] == score
     assert written["n-samples"]["tiny_yesno"]["effective"] == 6 and len(written["samples"]["tiny_yesno"]) == 6
-    assert scores["tiny_yesno"]["tiny_yesno"]["exact_match,none"] == written["results"]["tiny_yesno"]["exact_match,none"]
     assert written["model_seconds"] > 0
     print(f"per item on {written['device']}: {written['seconds_per_item']} s")
 
-    before = first.read_text()
     lmms.main(run + ["--tasks", "tiny_choice"])  # another task: its own file, the first one untouched
-    assert 0 <= json.loads((path / "lmms_eval" / "tiny_choice.json").read_text())["results"]["tiny_choice"]["acc,none"] <= 1
-    assert first.read_text() == before
+    assert 0 <= read("tiny_choice.json")["results"]["tiny_choice"]["acc,none"] <= 1
+    assert read("tiny_yesno.json") == written
 
     with pytest.raises(SystemExit, match="never overwritten"):  # the same task again: refused before the model loads
         lmms.main(run + ["--tasks", "tiny_choice,tiny_yesno"])
-    assert first.read_text() == before
+    assert read("tiny_yesno.json") == written
     lmms.main(run + ["--tasks", "tiny_yesno", "--limit", "2"])  # a quick look goes elsewhere
-    assert json.loads((path / "lmms_eval" / "tiny_yesno-first2.json").read_text())["n-samples"]["tiny_yesno"]["effective"] == 2
+    assert read("tiny_yesno-first2.json")["n-samples"]["tiny_yesno"]["effective"] == 2
 
 
 def test_unknown_task_names_the_closest(tiny_model, tiny_tasks, tmp_path):

@@ -86,7 +86,8 @@ class TinyVLM(lmms):
         """(input_ids, labels) of the question as a user turn (its image in place, if it has one), then the assistant
         header, or with `reply` the assistant's reply: the training format, so the model is asked as it learned."""
         if len(images) > 1:
-            raise ValueError(f"tinyvlm takes one image a question; this task gives {len(images)}")
+            raise ValueError(f"tinyvlm answers about one image at a time; this task gives {len(images)} to a question, "
+                             "so score tasks of one image per item")
         if images and IMAGE_TOKEN not in context:
             context = f"{IMAGE_TOKEN}\n{context}"
         messages = [{"role": "user", "content": context}]
@@ -113,6 +114,8 @@ class TinyVLM(lmms):
 
     @timed
     def generate_until(self, requests):
+        """Each question's answer, decoded with its task's settings (greedy unless it sets a temperature) in batches
+        that share them, cut at the task's first stop string."""
         def settings(args):
             kw = args[1]
             return kw.get("max_new_tokens", 32), kw.get("temperature", 0) or 0, kw.get("top_p", 1.0) or 1.0
@@ -128,8 +131,8 @@ class TinyVLM(lmms):
             texts = self.model.generate_from_ids(ids, self._pixels(images), max_new_tokens, temperature, top_p)
             for i, args, text in zip(chunk, batch, texts):
                 until = args[1].get("until") or []
-                for stop in [until] if isinstance(until, str) else until:  # the task's stop strings cut the answer
-                    text = text.split(stop)[0] if stop else text
+                for stop in filter(None, [until] if isinstance(until, str) else until):
+                    text = text.split(stop)[0]
                 answers[i] = text
         return answers
 
@@ -140,7 +143,7 @@ class TinyVLM(lmms):
         assistant's reply (the harness's leading space, a word boundary for plain LMs, is no part of a chat reply), its
         end-of-turn token left out: an option's score is that of its words. One forward over each batch of prompt +
         reply rows, right-padded (causal: a row never sees its padding). Each pair is wrapped in a GenerationResult:
-        lmms-eval 0.7.3's evaluator turns any other tuple into its str(), which its multiple-choice scoring cannot read."""
+        lmms-eval 0.7.3's evaluator turns any other tuple into its str(), which multiple-choice scoring cannot read."""
         results = [None] * len(requests)
         autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
         for chunk, batch in self._batches(requests):
@@ -182,7 +185,7 @@ def check_tasks(tasks, manager):
 
 
 def score_line(results):
-    """'pope pope_accuracy 0.8523, ...': each (sub)task's numbers, without their stderrs and lmms-eval's ',none' filter."""
+    """'pope pope_accuracy 0.8523, ...': each (sub)task's numbers, without stderrs and lmms-eval's ',none' filter."""
     return ", ".join(f"{name} {metric.removesuffix(',none')} {value:.4f}" for name, scores in results.items()
                      for metric, value in scores.items()
                      if isinstance(value, (int, float)) and "stderr" not in metric)
@@ -217,7 +220,8 @@ def main(argv):
         with open(target, "x") as f:  # "x": fails rather than overwrite one written meanwhile
             json.dump(record, f, indent=1, default=handle_non_serializable)
         scores[task] = out["results"]
-        print(f"{task}: {score_line(out['results'])} ({n} items, {model.seconds:.1f} s answering; {target})", flush=True)
+        print(f"{task}: {score_line(out['results'])} ({n} items, {model.seconds:.1f} s answering; {target})",
+              flush=True)
     return scores
 
 
