@@ -231,20 +231,25 @@ def test_the_compiled_full_phase_trains_like_eager_and_compiles_once(cuda_cfg, o
 
 @pytest.fixture(scope="module")
 def lm_in_fp32_and_bf16(tiny_assets, tmp_path_factory):
-    """(its dir, a copy saved in bf16 as the Hub ships SmolLM2) of one LM: $TINYVLM_GPU_LM, e.g. the real SmolLM2
-    (`TINYVLM_GPU_LM=$(python -m models.smollm2)`: fp32, converted from GGUF), else the tiny one."""
+    """The same weights saved in fp32 and in bf16 (as the Hub ships SmolLM2): (fp32 dir, bf16 dir). The LM is
+    $TINYVLM_GPU_LM, e.g. the real SmolLM2 (`TINYVLM_GPU_LM=$(python -m models.smollm2)`), else the tiny one; its
+    weights are rounded to bf16 first, so both dirs hold the same numbers."""
     lm = os.environ.get("TINYVLM_GPU_LM", tiny_assets.lm)
-    bf16 = tmp_path_factory.mktemp("bf16_lm")
-    AutoModelForCausalLM.from_pretrained(lm).to(torch.bfloat16).save_pretrained(bf16)
-    AutoTokenizer.from_pretrained(lm).save_pretrained(bf16)
-    return lm, str(bf16)
+    bf16 = AutoModelForCausalLM.from_pretrained(lm).to(torch.bfloat16)
+    dirs = tmp_path_factory.mktemp("fp32_lm"), tmp_path_factory.mktemp("bf16_lm")
+    for model, folder in zip((bf16.float(), bf16.to(torch.bfloat16)), dirs):
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(lm).save_pretrained(folder)
+    return tuple(map(str, dirs))
 
 
 @pytest.mark.parametrize("phase", ["lora", "full"])
 def test_an_lm_saved_in_bf16_trains_as_the_same_lm_in_fp32(cuda_cfg, lm_in_fp32_and_bf16, phase):
-    """Trainable weights train in fp32 whatever the LM's saved dtype (in bf16, AdamW's updates at full_lr 2e-5
-    rounded away for 97% of the full phase's LM weights: VQA 0.34 instead of 0.62): the losses of the same LM saved
-    in fp32, within bf16's noise, and a full-phase LM matrix moves in most of its entries."""
+    """Trainable weights train in fp32 whatever the LM's saved dtype (kept in bf16, AdamW's updates at full_lr 2e-5
+    rounded away for 97% of the full phase's LM weights: VQA 0.34 instead of 0.62): the same weights saved in bf16 and
+    in fp32 train alike (losses within bf16's noise), and a full-phase LM matrix keeps its updates in most entries.
+    (bf16 autocast sees an update only once it passes half a bf16 step of the weight: weights that start on bf16's
+    grid, as these do, change the forward later than arbitrary fp32 ones would.)"""
     def run(lm, name):
         cfg = dataclasses.replace(cuda_cfg, lm_model=lm, batch_size=4, out_dir=f"{cuda_cfg.out_dir}_{name}")
         projector = main.train(dataclasses.replace(cfg, max_steps=2, out_dir=cfg.out_dir + "_projector"))
