@@ -10,11 +10,12 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from data.shapes import draw
+from data.shapes import corpus, draw
 from generate import export
 from models.lora import lora_layers
 from models.prompt import encode_prompt
 from models.smollm2 import smollm2_dir
+from models.tiny import build_lm
 from models.vision import image_pixels
 from models.vlm import VLM
 from training.checkpoint import load_model, save_model
@@ -92,8 +93,13 @@ def check_outside(folders, tmp_path, prompt="Describe the image."):
 
 
 def test_exports_load_in_plain_transformers(tiny_cfg, tmp_path):
-    """Every phase's checkpoint of the tiny VLM, and the real SmolLM2 with its own tokenizer and ChatML template (its
-    stop token <|im_end|>), LoRA merged: one process outside the repo loads them all."""
+    """Every phase's checkpoint of the tiny VLM, every other LM family (their own templates and stop tokens), and
+    the real SmolLM2 with its own tokenizer and ChatML template (its stop token <|im_end|>), LoRA merged: one
+    process outside the repo loads them all."""
     folders = [exported(tiny_cfg, tmp_path / phase, phase=phase) for phase in ("projector", "lora", "full")]
+    for family in ("llama3", "qwen2", "phi", "phi3"):
+        torch.manual_seed(0)
+        lm = build_lm(tmp_path / f"lm-{family}", corpus(), family, chat_template=family != "phi")
+        folders.append(exported(dataclasses.replace(tiny_cfg, lm_model=str(lm)), tmp_path / family, phase="lora"))
     real = dataclasses.replace(tiny_cfg, lm_model=str(smollm2_dir()), max_text_tokens=96)
     check_outside(folders + [exported(real, tmp_path / "smollm2", phase="lora")], tmp_path)
