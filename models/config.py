@@ -74,7 +74,7 @@ class VLMConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = True  # torch.compile on CUDA (not on the CPU); its cache: TORCHINDUCTOR_CACHE_DIR
     cuda_graphs: bool = True  # compiled layers replay as CUDA graphs (one GPU; not under DDP); false: plain compile
-    gradient_checkpointing: bool = False  # lora phase: recompute layer activations in backward (less memory)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, any phase
     # --- logging, evaluation, checkpoints ---
     log_every: int = 10
     eval_every: int = 500

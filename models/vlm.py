@@ -1,4 +1,5 @@
-"""The joined model: vision tower(s) (frozen) -> projector -> causal LM (frozen, or LoRA in phase 2)."""
+"""The joined model: vision tower(s) (frozen) -> projector -> causal LM (frozen in phase 1; LoRA, or every weight in
+the full phase, in phase 2)."""
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
