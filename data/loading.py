@@ -1,12 +1,11 @@
 """From the config to this rank's data loaders: the records, their split, every record's length (packing plans
 with them, before the model loads), then the loaders of packed micro-batches."""
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from data.download import DataError, ensure_dataset
+from data.download import DataError, chat_json_path, ensure_dataset
 from data.llava import (ImageStore, LlavaDataset, data_identity, id_of, ignore_stop_signals, load_records,
                         split_indices)
 from data.packing import Packer, PackedBatchSampler, plan_micro_batches, sample_lengths
@@ -21,7 +20,7 @@ def open_data(cfg, tokenizer, rank, world):
     that pass finds unusable are judged over the whole data set (unusable) and left out of both splits; the split
     itself stays that of every record (the same held-out records whatever is missing)."""
     root = ensure_dataset(cfg)
-    chat_json = Path(cfg.chat_json).expanduser() if cfg.chat_json else root / "chat.json"
+    chat_json = chat_json_path(cfg)
     records = load_records(chat_json)
     images = ImageStore(root)
     text = LlavaDataset(records, range(len(records)), images, tokenizer, None, n_image_tokens(cfg), cfg.max_text_tokens)

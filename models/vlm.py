@@ -191,7 +191,9 @@ class VLM(nn.Module):
         with torch.set_grad_enabled(self.cfg.lora_vision and torch.is_grad_enabled()):
             feats = self.vision(pixel_values)                   # [B, N, Dv]
         torch._dynamo.maybe_mark_dynamic(feats, 0)
-        return self.projector(feats.float())  # a bf16 tower meets the fp32 projector (exact; autocast casts it back)
+        if not torch.is_autocast_enabled(feats.device.type):  # a bf16 tower meets the fp32 projector (autocast,
+            feats = feats.float()                               # on the GPU, runs both in bf16: nothing to cast)
+        return self.projector(feats)
 
     def embed(self, input_ids, pixel_values):
         """input_ids [B, T]; pixel_values [B_img, 3, H, W]: the k-th block of image positions (in row order) takes the
