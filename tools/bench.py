@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 import zipfile
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,6 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import main
 from models.config import VLMConfig, parse_overrides
-from models.prompt import DEFAULT_PROMPT, encode_prompt
 from models.tiny import build_lm, build_vision
 from models.vlm import VLM
 from training import checkpoint
@@ -248,45 +246,6 @@ class StepProfiler:
             print(f"PROFILE step {wall_ms:.1f} ms wall, GPU busy {gpu_ms:.1f} ms ({gpu_ms / wall_ms:.0%})")
 
 
-def greedy_without_cache(model, pixel_values, max_new_tokens):
-    """Greedy decoding without a KV cache, the baseline of the cache (and its test): every step runs the whole
-    sequence through the model, then each row is cut at its end-of-turn. (transformers' generate cannot serve:
-    from inputs_embeds it decodes with the cache whatever use_cache says.)"""
-    ids = torch.tensor([encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * len(pixel_values),
-                       device=pixel_values.device)
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=ids.is_cuda), \
-            torch.compiler.set_stance("force_eager"):  # compiled layers would recompile for every new length
-        for _ in range(max_new_tokens):
-            ids = torch.cat([ids, model(ids, pixel_values).logits[:, -1:].argmax(-1)], dim=1)
-    eot = model.tokenizer.eos_token_id
-    new = [row[-max_new_tokens:] for row in ids.tolist()]
-    return [model.tokenizer.decode(row[:row.index(eot)] if eot in row else row, skip_special_tokens=True).strip()
-            for row in new]
-
-
-@torch.no_grad()
-def generation_speed(model, batch=64, new_tokens=32):
-    """Captions/s for one batch of random images, decoding exactly new_tokens (end-of-turn banned), with the KV
-    cache (model.generate) and without (greedy_without_cache); the median of 3 runs after a warm-up. Both are
-    bound by the host's Python at this size (an H100 is busy about 12% of the cached run)."""
-    size = model.vision.image_side
-    pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=next(model.parameters()).device)
-    eot = torch.tensor([model.tokenizer.eos_token_id], device=pixels.device)
-    ban = model.lm.get_output_embeddings().register_forward_hook(lambda m, a, out: out.index_fill(-1, eot, -1e4))
-    speeds = {}
-    for name, decode in (("cache", model.generate), ("no_cache", partial(greedy_without_cache, model))):
-        times = []
-        for _ in range(4):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            decode(pixels, max_new_tokens=new_tokens)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        speeds[f"captions_per_s_{name}"] = batch / statistics.median(times[1:])
-    ban.remove()
-    return {"batch": batch, "new_tokens": new_tokens, **speeds}
-
-
 def summarize(cfg, result, world):
     """Median over the log intervals after the first (which holds start-up and compilation)."""
     stats = result["stats"]
@@ -304,7 +263,6 @@ def summarize(cfg, result, world):
 
 if __name__ == "__main__":
     argv, profile_at = pop_flag(sys.argv[1:], "--profile_at", "0")
-    argv, generate = pop_flag(argv, "--generate", "true")
     cfg = bench_config(argv)
     clock = StepClock() if torch.cuda.is_available() and cfg.device != "cpu" else None
     profiler = StepProfiler(int(profile_at)) if clock and int(profile_at) else None
@@ -313,5 +271,3 @@ if __name__ == "__main__":
     if rank == 0:
         steps = clock.summary(profiled=profiler.slowed if profiler else ()) if clock else {}
         print("BENCH " + json.dumps({**summarize(cfg, result, world), **steps}))
-        if clock and generate == "true":  # on the saved checkpoint, loaded as generate.py loads it
-            print("GENERATE " + json.dumps(generation_speed(checkpoint.load_model(result["checkpoint"]).place("cuda"))))
