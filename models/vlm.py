@@ -285,7 +285,9 @@ class VLM(nn.Module):
         decodes (models/decode.py); each row stops at its own end-of-turn token. A transformers streamer (one row
         only) receives the tokens as they come, e.g. TextIteratorStreamer for app.py."""
         ids, mask = (t.to(pixel_values.device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
-        autocast = torch.autocast("cuda", torch.bfloat16) if ids.is_cuda else contextlib.nullcontext()
+        # No cache of cast weights: it would hand the recorded decode step (models/decode.py) the bf16 copies made
+        # while recording (of trained weights: the adapters', a full phase's LM), freed when the context ends
+        autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if ids.is_cuda else contextlib.nullcontext()
         was_training = self.training
         self.eval()
         # transformers' own SDPA attention reads the decoding mask (packed attention, training's, needs none); eager:
