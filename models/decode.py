@@ -16,10 +16,31 @@ its positions count from its first real token, so its reply is the one it would 
 import copy
 
 import torch
-from transformers import StaticCache
+import torch.nn.functional as F
+from transformers import AttentionInterface, StaticCache
 
 STOP_CHECK = 8  # tokens between the host's looks at whether every row has stopped (each look waits for the GPU)
 SLOT_MULTIPLE = 64  # the cache length is rounded up to this: prompts of nearby lengths reuse one recorded graph
+
+
+DECODE_ATTENTION = "tinyvlm_decode"
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [B, H, T, D], key/value [B, H_kv, S, D] (the whole static cache), attention_mask [B, 1, T, S] (True:
+    seen) -> ([B, T, H, D], None), as transformers' attention functions. The H / H_kv query heads that share a
+    key/value head (grouped-query LMs: SmolLM2, Llama 3, Qwen2) are laid out as that head's extra query rows, so
+    the cache is read as it is: repeating it per query head (transformers' SDPA path, once a mask is given) copied
+    the whole cache twice per layer and token, a third of a decoded token's GPU time."""
+    B, H, T, D = query.shape
+    groups = H // key.shape[1]
+    q = query.reshape(B, key.shape[1], groups * T, D)                            # [B, H_kv, G*T, D]
+    mask = attention_mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(B, 1, groups * T, -1)
+    out = F.scaled_dot_product_attention(q, key.to(q.dtype), value.to(q.dtype), attn_mask=mask, scale=scaling)
+    return out.view(B, H, T, D).transpose(1, 2), None                           # [B, T, H, D]
+
+
+AttentionInterface.register(DECODE_ATTENTION, grouped_attention)
 
 
 def left_pad(prompts, pad_id):
@@ -64,6 +85,13 @@ def sliding_window(config):
     return window if window and types != {"full_attention"} else None
 
 
+def in_compute_dtype(embeds):
+    """Under autocast, the embeddings in its dtype: the keys (rotated in the hidden states' dtype) and the values
+    (a projection's output, in autocast's) then share the one dtype of the static cache, also where the LM's own
+    weights are fp32 (the full phase trains them so)."""
+    return embeds.to(torch.get_autocast_dtype("cuda")) if torch.is_autocast_enabled("cuda") else embeds
+
+
 class Decoder:
     """Decoding state for one batch shape (rows, cache slots), at fixed addresses so that a CUDA graph can replay the
     one-token step. Made once per shape (VLM.decoder) and reused batch after batch."""
@@ -97,7 +125,7 @@ class Decoder:
         self.visible.fill_(True)
         self.visible[:, :T] = mask.bool()
         position = (mask.cumsum(1) - 1).clamp(min=0)                              # [B, T]: from each row's start
-        logits = self.lm(inputs_embeds=embeds, position_ids=position, past_key_values=self.cache, use_cache=True,
+        logits = self.lm(inputs_embeds=in_compute_dtype(embeds), position_ids=position, past_key_values=self.cache, use_cache=True,
                          attention_mask=self.seen(self.slot[:T])[:, None], logits_to_keep=1).logits[:, -1]
         self.position.copy_(position[:, -1:] + 1)
         self.filled.fill_(T)
@@ -107,7 +135,8 @@ class Decoder:
         """One token per row through the LM (self.token, at self.position, into slot self.filled) -> logits [B, V].
         Reads and writes only the fixed buffers: this is what the CUDA graph records."""
         seen = self.seen(self.filled.view(1))[:, None]                            # [B, 1, 1, S]
-        logits = self.lm(input_ids=self.token, position_ids=self.position, attention_mask=seen,
+        embeds = in_compute_dtype(self.lm.get_input_embeddings()(self.token))    # [B, 1, D]
+        logits = self.lm(inputs_embeds=embeds, position_ids=self.position, attention_mask=seen,
                          past_key_values=self.cache, use_cache=True).logits[:, -1]
         self.position += 1
         self.filled += 1

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .attention import PACKED_ATTENTION
-from .decode import SLOT_MULTIPLE, Decoder, decode, left_pad
+from .decode import DECODE_ATTENTION, SLOT_MULTIPLE, Decoder, decode, left_pad
 from .config import ConfigError, VLMConfig
 from .hub import from_hub
 from .lora import apply_lora, linear_names
@@ -290,9 +290,9 @@ class VLM(nn.Module):
         autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if ids.is_cuda else contextlib.nullcontext()
         was_training = self.training
         self.eval()
-        # transformers' own SDPA attention reads the decoding mask (packed attention, training's, needs none); eager:
-        # compiled layers (training's) would compile again for every new length
-        self.lm.set_attn_implementation("sdpa")
+        # the decoding attention reads the static cache and its mask (models/decode.py; packed attention, training's,
+        # reads neither); eager: compiled layers (training's) would compile again for every new length
+        self.lm.set_attn_implementation(DECODE_ATTENTION)
         try:
             with autocast, torch.compiler.set_stance("force_eager"):
                 return decode(self.decoder_for(*ids.shape, max_new_tokens, ids.device), self.embed(ids, pixel_values),
