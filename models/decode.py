@@ -15,6 +15,7 @@ its positions count from its first real token, so its reply is the one it would 
 """
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, StaticCache
@@ -44,13 +45,13 @@ AttentionInterface.register(DECODE_ATTENTION, grouped_attention)
 
 
 def left_pad(prompts, pad_id):
-    """Rows of token ids -> ids [B, T] left-padded with pad_id, and mask [B, T]: 1 on each row's own tokens."""
+    """Rows of token ids -> ids [B, T] left-padded with pad_id, and mask [B, T]: 1 on each row's own tokens.
+    (Through numpy: torch.tensor reads a nested list ten times slower, 9 ms for 256 captions' prompts.)"""
     T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
+    ids, mask = np.full((len(prompts), T), pad_id, dtype=np.int64), np.zeros((len(prompts), T), dtype=np.int64)
     for row, p in enumerate(prompts):
-        ids[row, T - len(p):], mask[row, T - len(p):] = torch.tensor(p), 1
-    return ids, mask
+        ids[row, T - len(p):], mask[row, T - len(p):] = p, 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def pick(logits, temperature, top_p):

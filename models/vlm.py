@@ -256,7 +256,8 @@ class VLM(nn.Module):
         """Caption (or answer about) a batch of uint8 images [B, 3, H, W] (image_pixels). prompt: one for every
         image, or a list of one per image (rows of different lengths are left-padded and masked)."""
         prompts = [prompt] * len(pixel_values) if isinstance(prompt, str) else list(prompt)
-        ids = [encode_prompt(self.tokenizer, p, self.n_image_tokens) for p in prompts]
+        encoded = {p: encode_prompt(self.tokenizer, p, self.n_image_tokens) for p in set(prompts)}  # the template
+        ids = [encoded[p] for p in prompts]  # takes ~0.4 ms a prompt: once per distinct one, not per image
         return self.generate_from_ids(ids, pixel_values, max_new_tokens, temperature, top_p, streamer)
 
     @torch.no_grad()
