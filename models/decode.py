@@ -86,11 +86,13 @@ def sliding_window(config):
     return window if window and types != {"full_attention"} else None
 
 
-def in_compute_dtype(embeds):
-    """Under autocast, the embeddings in its dtype: the keys (rotated in the hidden states' dtype) and the values
-    (a projection's output, in autocast's) then share the one dtype of the static cache, also where the LM's own
-    weights are fp32 (the full phase trains them so)."""
-    return embeds.to(torch.get_autocast_dtype("cuda")) if torch.is_autocast_enabled("cuda") else embeds
+class DecodeCache(StaticCache):
+    """transformers' StaticCache, whose one dtype is that of the values. Under autocast the keys come out of the
+    rotary step in the hidden states' dtype, fp32 where the LM's weights are (the full phase trains them so), the
+    values in autocast's: attention casts both to autocast's dtype anyway, so the keys are stored in it too."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states.to(value_states.dtype), value_states, layer_idx, *args, **kwargs)
 
 
 class Decoder:
@@ -100,7 +102,7 @@ class Decoder:
     def __init__(self, lm, rows, slots, device, record_graph):
         self.lm = lm
         self.window = sliding_window(lm.config)
-        self.cache = StaticCache(config=full_attention(lm.config), max_cache_len=slots)
+        self.cache = DecodeCache(config=full_attention(lm.config), max_cache_len=slots)
         self.slot = torch.arange(slots, device=device)                            # [S]
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)        # the token the step feeds
         self.position = torch.zeros(rows, 1, dtype=torch.long, device=device)     # its position in its row
@@ -126,7 +128,7 @@ class Decoder:
         self.visible.fill_(True)
         self.visible[:, :T] = mask.bool()
         position = (mask.cumsum(1) - 1).clamp(min=0)                              # [B, T]: from each row's start
-        logits = self.lm(inputs_embeds=in_compute_dtype(embeds), position_ids=position, past_key_values=self.cache, use_cache=True,
+        logits = self.lm(inputs_embeds=embeds, position_ids=position, past_key_values=self.cache, use_cache=True,
                          attention_mask=self.seen(self.slot[:T])[:, None], logits_to_keep=1).logits[:, -1]
         self.position.copy_(position[:, -1:] + 1)
         self.filled.fill_(T)
@@ -136,8 +138,7 @@ class Decoder:
         """One token per row through the LM (self.token, at self.position, into slot self.filled) -> logits [B, V].
         Reads and writes only the fixed buffers: this is what the CUDA graph records."""
         seen = self.seen(self.filled.view(1))[:, None]                            # [B, 1, 1, S]
-        embeds = in_compute_dtype(self.lm.get_input_embeddings()(self.token))    # [B, 1, D]
-        logits = self.lm(inputs_embeds=embeds, position_ids=self.position, attention_mask=seen,
+        logits = self.lm(input_ids=self.token, position_ids=self.position, attention_mask=seen,
                          past_key_values=self.cache, use_cache=True).logits[:, -1]
         self.position += 1
         self.filled += 1
