@@ -1,7 +1,7 @@
 """Every record's length from its text, kept from one start to the next.
 
 Packing plans with the length of every record before the first step (data/packing.py), and finding them tokenizes
-every record: a minute of CPU time for CC3M's 595K captions, at every start, resume and rank. They depend on nothing
+every record: minutes of CPU time at CC3M's 595K records, at every start, resume and rank. They depend on nothing
 but the data and the tokenizer, so the first start keeps them in a small file, cache_dir/lengths/ (next to the
 downloaded data set and the converted models), and every later start reads it: a second run, a resume, on every rank.
 (On the first start each rank tokenizes for itself, alongside the others: ranks need not share a filesystem, and
