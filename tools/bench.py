@@ -6,11 +6,14 @@ full-size backbones with random weights, over synthetic CC3M-like JPEGs read fro
     uv run python -m tools.bench --data instruct --max_text_tokens 1024   # multi-turn, long-tailed (make_instruct_like)
     uv run python -m tools.bench --pixel_unshuffle 1         # 196 image tokens
     uv run python -m tools.bench --phase lora                # adapters on every LM linear layer
+    uv run python -m tools.bench --records 595375 --max_steps 20     # start-up at CC3M's size (start_s)
     torchrun --standalone --nproc_per_node 2 -m tools.bench  # data parallel
     uv run python -m tools.bench --size clip-l-336+phi-3-mini --phase lora --batch_size 16 --gradient_checkpointing true
 Any VLMConfig flag works (--batch_size, --compile false, ...). `--size` picks the backbones' shapes (SHAPES);
 `--size tiny` runs the same path on tiny backbones (the CPU test does that). `--profile_at N` profiles 8 steps
-from step N; `--generate false` skips the generation benchmark. `bash tools/bench_all.sh` runs the README's tables.
+from step N; `--records N` makes the data set N records (CC3M-595K's
+count is CC3M_EPOCH; a second run reads the records' lengths the first kept, data/length_cache.py). `bash
+tools/bench_all.sh` runs the README's tables (captioning: tools/bench_generate.py).
 """
 import gc
 import io
@@ -139,15 +142,22 @@ SHAPES = {"tiny": ("siglip", "tiny", "llama", "tiny"), "base": ("siglip", "base"
           "clip-l-336+phi-3-mini": ("clip", "clip-l-336", "phi3", "phi-3-mini")}
 
 
+def records_of(size):
+    """The synthetic data set's records for --size (--records sets another count)."""
+    return {"tiny": 400, "base": 20_000}.get(size, 2_000)
+
+
 def prepare(root, size, n_records, data="clean"):
     """The backbones (their tokenizer trained on the clean set's text) and the `data` variant, made once each."""
     if not (root / "lm" / "config.json").is_file():
         vision_family, vision_size, lm_family, lm_size = SHAPES[size]
-        corpus = make_cc3m_like(root / "data", n_records)
+        corpus = make_cc3m_like(root / "data", records_of(size))
         torch.manual_seed(0)
         build_vision(root / "vision", vision_family, vision_size)
         build_lm(root / "lm", corpus, lm_family, size=lm_size)
     folder = root / ("data" if data == "clean" else f"data-{data}")
+    if n_records != records_of(size):
+        folder = folder.with_name(f"{folder.name}-{n_records}")
     if not (folder / "chat.json").is_file():
         DATA[data](folder, n_records)
     return str(folder), str(root / "vision"), str(root / "lm")
@@ -157,12 +167,13 @@ def bench_config(argv):
     """Bench defaults (full-size backbones, 40 steps, no evaluation), then the user's flags."""
     argv, size = pop_flag(argv, "--size", "base")
     argv, data = pop_flag(argv, "--data", "clean")
+    argv, records = pop_flag(argv, "--records", None)
     root = Path("checkpoints/bench") / size
     cfg = parse_overrides(argv, VLMConfig(grad_accum=1, max_steps=40, log_every=10, val_size=256,
                                           eval_every=10**9, eval_captions=0, metric_records=0, save_every=10**9,
                                           resume=False,
                                           num_workers=min(16, torch.multiprocessing.cpu_count())))
-    data_dir, vision, lm = prepare(root, size, {"tiny": 400, "base": 20_000}.get(size, 2_000), data)
+    data_dir, vision, lm = prepare(root, size, int(records or records_of(size)), data)
     tag = f"{cfg.phase}-{data}-u{cfg.pixel_unshuffle}-t{cfg.batch_tokens}" + ("-compiled" if cfg.compile else "")
     cfg = VLMConfig.from_dict({**cfg.to_dict(), "data_dir": data_dir, "vision_model": vision, "lm_model": lm,
                                "out_dir": str(root / "runs" / tag)})

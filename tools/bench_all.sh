@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The README's benchmark tables: bash tools/bench_all.sh [ROW...]   (logs in checkpoints/bench/logs; default: every row)
 # Each row starts with an empty compile cache, so its start time is a cold start; projector_warm reruns the
-# projector row on the cache it left (the warm start). The generate rows time captioning (tools/bench_generate.py).
+# projector row on the cache it left (the warm start). startup times the first step at CC3M's size (595,375 records)
+# with nothing kept; startup_warm starts it again on the compile cache and the records' lengths that it left. The
+# generate rows time captioning (tools/bench_generate.py).
 set -u
 logs=$PWD/checkpoints/bench/logs; mkdir -p "$logs"  # absolute: Inductor runs its C++ compiler from elsewhere
-rows=${*:-projector projector_warm dirty instruct accum2 eager eager_ckpt tokens196 lora lora_vision full tokens32k phi2 phi2_ckpt phi3 phi3_ckpt phi3_full_ckpt
+rows=${*:-projector projector_warm startup startup_warm dirty instruct accum2 eager eager_ckpt tokens196 lora lora_vision full tokens32k phi2 phi2_ckpt phi3 phi3_ckpt phi3_full_ckpt
   phi2_projector phi2_projector_ckpt
   generate generate_tokens196 generate_lora generate_lora_vision}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -28,6 +30,8 @@ for row in $rows; do
   case $row in
     projector)      run "$row" "$(fresh projector)" --max_steps 300 --profile_at 100 ;;
     projector_warm) run "$row" "$logs/cache_projector" --max_steps 30 ;;
+    startup)        run "$row" "$(fresh "$row")" --records 595375 --cache_dir "$(fresh lengths)" --max_steps 20 ;;  # CC3M's size
+    startup_warm)   run "$row" "$logs/cache_startup" --records 595375 --cache_dir "$logs/cache_lengths" --max_steps 20 ;;  # lengths kept
     dirty)          run "$row" "$(fresh "$row")" --data dirty --max_bad_fraction 0.2 --max_steps 300 ;;
     instruct)       run "$row" "$(fresh "$row")" --data instruct --max_text_tokens 1024 --max_steps 200 ;;
     accum2)         run "$row" "$(fresh "$row")" --batch_tokens 8192 --grad_accum 2 --max_steps 100 ;;  # 16384 in halves
