@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -182,15 +183,30 @@ def test_the_heap_is_frozen_while_training_and_freed_after(tiny_cfg, on_optimize
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one(tiny_cfg, tmp_path):
-    """2 ranks x batch 4 (gloo) reach the same weights as 1 process x batch 8."""
-    def run(nproc, batch_size, out_dir):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "main.py", *cli_args(tiny_cfg, batch_size=batch_size, grad_accum=2, max_steps=3, out_dir=out_dir)]
-        subprocess.run(cmd, cwd=REPO, check=True, timeout=300, capture_output=True)
+def test_torchrun_two_processes_match_one_and_two_nodes_match_two_processes(tiny_cfg, tmp_path):
+    """2 ranks x batch 4 (gloo) reach the same weights as 1 process x batch 8; and the README's two-node command
+    (one torchrun agent per node, c10d rendezvous, node ranks assigned as the agents join), here two agents on this
+    machine, reaches exactly the 2-process run's weights: the same job. Rank-0-only work keyed on the local rank
+    would fail here (each node has a local rank 0: two claims on the shared out_dir)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it for 2 processes: the same matmul sums
+
+    def run(launch, batch_size, out_dir):
+        args = ["main.py", *cli_args(tiny_cfg, batch_size=batch_size, grad_accum=2, max_steps=3, out_dir=out_dir)]
+        logs = [tmp_path / f"{out_dir.name}_{i}.log" for i in range(len(launch))]  # (files: a full pipe would block)
+        jobs = [subprocess.Popen([*torchrun, *cmd, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=open(log, "w")) for cmd, log in zip(launch, logs)]
+        try:
+            for job in jobs:
+                job.wait(timeout=300)
+        finally:
+            for job in jobs:  # one agent failing leaves the other waiting for its peer
+                job.kill()
+        assert all(job.returncode == 0 for job in jobs), [log.read_text()[-2000:] for log in logs]
         return weights(sorted(out_dir.glob("step_*"))[-1])
 
-    one, two = run(1, 8, tmp_path / "one"), run(2, 4, tmp_path / "two")
+    one = run([["--standalone", "--nproc_per_node", "1"]], 8, tmp_path / "one")
+    two = run([["--standalone", "--nproc_per_node", "2"]], 4, tmp_path / "two")
     # The ranks' rows hold other samples than the one process's, so matmuls sum in another order: gradients agree to
     # fp32 rounding (~1e-7 relative). AdamW divides each gradient by its own running size, so where a gradient is
     # itself at rounding level, that rounding moves the weight by up to 2 lr a step (seen: 1 entry of 16,384 off by
@@ -199,6 +215,15 @@ def test_torchrun_two_processes_match_one(tiny_cfg, tmp_path):
     for k in one:
         off = (two[k] - one[k]).abs()
         assert (off > 1e-6 + 1e-5 * one[k].abs()).float().mean() < 1e-3 and off.max() <= reach, (k, off.max())
+
+    with socket.socket() as s:  # a free port for the rendezvous (the OS picks it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes"]
+    nodes = run([node, node], 4, tmp_path / "nodes")
+    assert nodes.keys() == two.keys() and all(torch.equal(nodes[k], two[k]) for k in two)
+    assert sorted(p.name for p in (tmp_path / "nodes" / "step_00000003").glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
 
 
 @pytest.mark.slow
