@@ -21,7 +21,6 @@ if __name__ == "__main__":  # --help, typos, bad values, a user's bad data and a
 
 import os  # noqa: E402
 import signal  # noqa: E402
-import time  # noqa: E402
 from contextlib import closing, nullcontext  # noqa: E402
 
 import torch  # noqa: E402
@@ -30,17 +29,16 @@ import transformers  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.llava import SkipTally, start_workers, steps_of_micro_batches  # noqa: E402
+from data.llava import start_workers, steps_of_micro_batches  # noqa: E402
 from data.loading import build_data, open_data  # noqa: E402
 from data.packing import to_device  # noqa: E402
 from models.vlm import VLM, check_shapes, load_tokenizer  # noqa: E402
 from training import checkpoint, speed  # noqa: E402
-from training.bookkeeping import LoggedLoss, NonFiniteSteps, follow_applied_steps  # noqa: E402
-from training.distributed import all_reduce, setup_distributed, skips_over_ranks  # noqa: E402
+from training.bookkeeping import Bookkeeping  # noqa: E402
+from training.distributed import all_reduce, setup_distributed  # noqa: E402
 from training.metrics import score_line  # noqa: E402
 from training.report import Reporter, caption_metrics, sample_captions, step_line  # noqa: E402
 from training.stop import StopRequest, Stopped  # noqa: E402
-from training.throughput import Meter  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- model and optimizer
@@ -109,75 +107,58 @@ def train(cfg: VLMConfig):
         total = cfg.max_steps or cfg.epochs * (len(train_loader.batch_sampler) // cfg.grad_accum)
         optimizer = build_optimizer(cfg, model)
         scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_frac * total), total)
-        state = {"step": 0, "bad_steps": 0, "bad_in_a_row": 0, "data": SkipTally().state_dict()}
-        if resume_from:
-            state = checkpoint.load(resume_from, model, optimizer, scheduler, rank)
+        saved = checkpoint.load(resume_from, model, optimizer, scheduler, rank) if resume_from else {}
         # the run's id (kept across resumes: wandb's run, and which checkpoints rotation may remove) and its data
-        state.update(run_id=state.get("run_id") or new_run_id(), data_identity=data["identity"])
+        run = {"run_id": saved.get("run_id") or new_run_id(), "data_identity": data["identity"]}
         forward = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
         params = speed.prepare(model, cfg, device, world)
         autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-        steps = steps_of_micro_batches(train_loader, state["step"], cfg.grad_accum)
-        tally, non_finite, losses = SkipTally(**state["data"]), NonFiniteSteps(state, device), LoggedLoss(device)
-        meter, reporter = Meter(model, device, world), Reporter(cfg, rank, state["step"], state["run_id"])
-        skips = (tally.seen, tally.skipped, tally.truncated)  # summed over ranks at each log line
-        result = {"losses": [], "stats": [], "val_loss": None, "caption_scores": None, "checkpoint": resume_from}
+        book = Bookkeeping(cfg, model, device, world, total, saved)  # the counts: loss, skips, throughput, the step
+        steps = steps_of_micro_batches(train_loader, book.step, cfg.grad_accum)
+        reporter = Reporter(cfg, rank, book.step, run["run_id"])
+        result = {"val_loss": None, "caption_scores": None, "checkpoint": resume_from}
+
+        def save():  # every rank writes its part
+            state = {**book.state_dict(), **run}
+            return checkpoint.save(cfg.out_dir, model, optimizer, scheduler, state, rank, cfg.keep_last)
         reporter.print(f"phase {cfg.phase}: {sum(p.numel() for p in params):,} trainable parameters, "
                        f"{model.n_image_tokens} image tokens, {cfg.batch_tokens * cfg.grad_accum * world} tokens a "
-                       f"step, steps {state['step']}->{total}" + (f", resumed from {resume_from}" if resume_from else ""))
-        bar = tqdm(total=total, initial=state["step"], disable=rank != 0, dynamic_ncols=True, leave=False)
-        first_step, stopping = state["step"] + 1, 0  # the step that compiles; the signal that stopped the run
+                       f"step, steps {book.step}->{total}" + (f", resumed from {resume_from}" if resume_from else ""))
+        bar = tqdm(total=total, initial=book.step, disable=rank != 0, dynamic_ncols=True, leave=False)
+        stopping = 0  # the signal that stopped the run
         # closing(steps): the data workers stop when training ends, not whenever the garbage collector finds them
         with bar, StopRequest() as stop, closing(steps), speed.FrozenHeap() as heap:
-            while state["step"] < total:
+            while book.step < total:
                 lr = scheduler.get_last_lr()[0]  # this step's learning rate (the scheduler steps after it)
-                t0 = time.perf_counter()
-                batches = next(steps)  # grad_accum micro-batches
-                data_wait = time.perf_counter() - t0
-                tally.add(batches)
-                tally.check(cfg.max_bad_fraction)
+                batches, data_wait = next(steps)  # the step's grad_accum micro-batches, and the wait for them
                 step_loss, n_tokens, finite = train_step(forward, batches, optimizer, params, cfg, device, autocast)
                 scheduler.step()
-                state["step"] += 1
-                step, done = state["step"], state["step"] == total
+                step = book.add(batches, data_wait, step_loss, n_tokens, finite)
                 bar.update()
-                meter.add(batches, data_wait)
-                losses.add(step_loss, n_tokens, finite)
-                non_finite.count(finite)
-                if step == first_step:
-                    heap.freeze()
-
-                if step % cfg.log_every == 0 or done:
-                    loss, stats, skips = losses.read(), meter.read(), skips_over_ranks(tally)
-                    bad, longest_streak = non_finite.read()
-                    state.update(bad)
-                    follow_applied_steps(scheduler, step - state["bad_steps"])
-                    result["losses"].append((step, loss))
-                    result["stats"].append(stats)
-                    log_step(reporter, step, total, lr, loss, stats, state["bad_steps"], skips)
-                    if longest_streak >= cfg.max_bad_steps:
-                        state["data"] = tally.state_dict()
-                        path = checkpoint.save(cfg.out_dir, model, optimizer, scheduler, state, rank, cfg.keep_last)
-                        raise RuntimeError(non_finite_advice(cfg, step, path))
-                if cfg.val_size and (step % cfg.eval_every == 0 or done):
-                    result.update(validate(model, val_loader, cfg, step, done, rank, device, autocast, reporter))
+                heap.freeze()  # once, after the first step (the one that compiles)
+                if book.due(cfg.log_every):
+                    logged = book.read(scheduler)  # one wait for the device; the schedule follows the applied steps
+                    log_step(reporter, step, total, lr, logged)
+                    if logged["longest_streak"] >= cfg.max_bad_steps:
+                        raise RuntimeError(non_finite_advice(cfg, step, save()))
+                if cfg.val_size and book.due(cfg.eval_every):
+                    result.update(validate(model, val_loader, cfg, step, step == total, rank, device, autocast, reporter))
                 stopping = stop.agreed()
-                if step % cfg.eval_every == 0 or done or stopping:  # a stopped run draws its curves too
+                if book.due(cfg.eval_every) or stopping:  # a stopped run draws its curves too
                     reporter.plot_curves()
-                if step % cfg.save_every == 0 or done or stopping:
-                    state.update(non_finite.state_dict(), data=tally.state_dict())
-                    result["checkpoint"] = checkpoint.save(cfg.out_dir, model, optimizer, scheduler, state, rank,
-                                                           cfg.keep_last)
+                if book.due(cfg.save_every) or stopping:
+                    result["checkpoint"] = save()
                 if stopping:
                     break
         reporter.close()
-        report_data(reporter, cfg, *skips)
+        report_data(reporter, cfg, *book.skips)
         if result["checkpoint"] != resume_from:  # (a finished run that is run again trains and saves nothing)
             reporter.print(f"saved {result['checkpoint']}")
         if stopping:
-            raise Stopped(signal.Signals(stopping), state["step"], result["checkpoint"])
-        return {**result, "model": model, "step": state["step"], "unusable": dict(data["unusable"]),
-                "skipped": dict(skips[1]), "truncated": skips[2]}
+            raise Stopped(signal.Signals(stopping), book.step, result["checkpoint"])
+        _, skipped, truncated = book.skips
+        return {**result, "model": model, "step": book.step, "losses": book.losses, "stats": book.stats,
+                "unusable": dict(data["unusable"]), "skipped": dict(skipped), "truncated": truncated}
 
 
 def train_step(forward, batches, optimizer, params, cfg, device, autocast):
@@ -212,10 +193,11 @@ def train_step(forward, batches, optimizer, params, cfg, device, autocast):
 
 
 # ----------------------------------------------------------------------------- what the loop reports
-def log_step(reporter, step, total, lr, loss, stats, bad_steps, skips):
-    seen, skipped, truncated = skips
+def log_step(reporter, step, total, lr, logged):
+    """One log line (Bookkeeping.read's numbers): printed, and into log.jsonl and wandb."""
+    loss, stats, (seen, skipped, truncated) = logged["loss"], logged["stats"], logged["skips"]
     reporter.print(step_line(step, total, lr, loss, stats, sum(skipped.values()), truncated))
-    reporter.log(step, {"loss": loss, "lr": lr, **stats, "bad_steps": bad_steps, "truncated": truncated,
+    reporter.log(step, {"loss": loss, "lr": lr, **stats, "bad_steps": logged["bad_steps"], "truncated": truncated,
                         **{f"skipped/{k}": v for k, v in skipped.items()}})
 
 

@@ -56,14 +56,18 @@ def prepare(model, cfg, device, world):
 
 
 class FrozenHeap:
-    """freeze() hides what is alive from later collections (what later steps make is still collected); on exit it
-    is all collectable again, for a next run in this process (the sweep, the notebook)."""
+    """The loop calls freeze() after every step: the first call hides what is alive from later collections (what
+    later steps make is still collected), the others do nothing. On exit it is all collectable again, for a next run
+    in this process (the sweep, the notebook)."""
 
     def __enter__(self):
+        self.frozen = False
         return self
 
     def __exit__(self, *exc):
         gc.unfreeze()
 
     def freeze(self):
-        gc.freeze()
+        if not self.frozen:
+            gc.freeze()
+            self.frozen = True
