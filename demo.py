@@ -6,7 +6,7 @@
 
 It writes a captioning data set in LLaVA's format (coloured shapes; captions such as `a red square at the
 bottom right .`), builds tiny random SigLIP and Llama backbones with a tokenizer trained on the captions,
-trains the projector (phase 1), then LoRA (phase 2) with main.train, and captions held-out images.
+trains the projector (phase 1), then LoRA (phase 2) with training/loop.py's train, and captions held-out images.
 With --instruct, phase 2 fine-tunes the projector and the whole LM (--phase full) on an instruction set over the
 same pictures (colour, shape, place, count and yes/no questions, some multi-turn, some text-only; data/shapes.py),
 then asks held-out pictures their questions and scores the answers as VQA benchmarks do.
@@ -41,7 +41,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-import main  # noqa: E402
+from training import loop  # noqa: E402
 from data.loading import build_data  # noqa: E402
 from training.metrics import score_line  # noqa: E402
 from training.report import caption_metrics, printable, sample_captions  # noqa: E402
@@ -71,12 +71,12 @@ def run(cfg, instruct=False):
     projector = dataclasses.replace(cfg, phase="projector", init_from="", out_dir=str(root / "projector"))
     print("== phase 1: projector alignment (backbones frozen). The tiny LM is random and knows no language, so "
           "its phase-1 captions are gibberish; phase 2 teaches it the captions' words.")
-    main.train(projector)
+    loop.train(projector)
     if instruct:
         return answer_questions(cfg, projector, t0)
     lora = dataclasses.replace(cfg, phase="lora", init_from=projector.out_dir, out_dir=str(root / "lora"))
     print("== phase 2: LoRA on the LM + projector")
-    out = main.train(lora)
+    out = loop.train(lora)
     print(f"== captions of held-out images (demo took {time.time() - t0:.0f}s):")
     _, val_loader = build_data(lora, out["model"], 0, 1)
     val_set = val_loader.dataset
@@ -99,7 +99,7 @@ def answer_questions(cfg, projector, t0):
     full = dataclasses.replace(cfg, phase="full", init_from=projector.out_dir, out_dir=str(Path(cfg.out_dir) / "instruct"),
                                chat_json=str(make_shapes_instruct(cfg.data_dir)))
     print("== phase 2 on instructions: the projector and every LM weight train (--phase full)")
-    out = main.train(full)
+    out = loop.train(full)
     _, val_loader = build_data(full, out["model"], 0, 1)
     scores, rows, skipped = caption_metrics(out["model"], val_loader.dataset, len(val_loader.dataset), torch.device("cpu"))
     print(f"== held-out pictures asked their questions (demo took {time.time() - t0:.0f}s):")
@@ -113,4 +113,4 @@ def answer_questions(cfg, projector, t0):
 
 if __name__ == "__main__":
     config = parse_or_exit(ARGV, demo_config(), prog="demo.py")
-    main.run_command(lambda: run(config, INSTRUCT))
+    loop.run_command(lambda: run(config, INSTRUCT))

@@ -10,7 +10,7 @@ from transformers import CLIPVisionConfig, Dinov2Config, Dinov2Model, SiglipVisi
 
 from training import checkpoint
 import generate
-import main
+from training import loop
 from models.config import ConfigError, PRESETS, VLMConfig, parse_overrides
 from models.lora import lora_layers
 from models.tiny import build_vision, image_processor
@@ -43,10 +43,10 @@ def test_tower_trains_both_phases_reloads_captions_and_exports(tiny_cfg, towers,
     """Projector, then LoRA on the LM and the tower(s); the checkpoint reloads to the same logits, captions files
     through generate.py's path, and exports to plain transformers folders that give the same logits again."""
     cfg = tower_cfg(tiny_cfg, towers, family, vision_feature_layer=feature_layer, max_steps=2, val_size=0)
-    projector = main.train(cfg)
+    projector = loop.train(cfg)
     lora_cfg = dataclasses.replace(cfg, phase="lora", init_from=str(projector["checkpoint"]), lora_vision=True,
                                    lora_vision_targets=("fc1", "fc2"), out_dir=cfg.out_dir + "-lora")
-    lora = main.train(lora_cfg)
+    lora = loop.train(lora_cfg)
     trained = lora["model"]
     assert {n.split(".")[2] for n, p in trained.named_parameters() if "lora_" in n and n.startswith("vision.")} \
         == {str(i) for i in range(family.count("+") + 1)}  # every tower got adapters
@@ -103,9 +103,9 @@ def test_grid_comes_from_the_processor_and_unshuffle_must_divide_it(tiny_cfg, tm
     the factors that do, before any weights load."""
     clip = weightless_tower(tmp_path / "clip", CLIPVisionConfig(patch_size=14, image_size=336), "clip", 336)
     assert n_image_tokens(dataclasses.replace(tiny_cfg, vision_model=clip, pixel_unshuffle=2)) == 144
-    monkeypatch.setattr(main, "build_model", lambda *a: pytest.fail("loaded a model before refusing"))
+    monkeypatch.setattr(loop, "build_model", lambda *a: pytest.fail("loaded a model before refusing"))
     with pytest.raises(ConfigError, match=r"pixel_unshuffle.*24x24.*\[1, 2, 3, 4, 6, 8, 12, 24\]"):
-        main.train(dataclasses.replace(tiny_cfg, vision_model=clip, pixel_unshuffle=5))
+        loop.train(dataclasses.replace(tiny_cfg, vision_model=clip, pixel_unshuffle=5))
 
 
 def test_fused_towers_must_make_the_same_grid(tiny_cfg, tmp_path):

@@ -1,4 +1,4 @@
-"""Benchmark the real training loop (main.train: data set, collator, workers, model, optimizer) on
+"""Benchmark the real training loop (training.loop.train: data set, collator, workers, model, optimizer) on
 full-size backbones with random weights, over synthetic CC3M-like JPEGs read from a zip. No hub needed.
 
     uv run python -m tools.bench                             # projector phase, 2x2 unshuffle: 49 image tokens
@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import main
+from training import loop
 from models.config import VLMConfig, parse_overrides
 from models.prompt import DEFAULT_PROMPT, encode_prompt
 from models.tiny import build_lm, build_vision
@@ -308,7 +308,7 @@ if __name__ == "__main__":
     cfg = bench_config(argv)
     clock = StepClock() if torch.cuda.is_available() and cfg.device != "cpu" else None
     profiler = StepProfiler(int(profile_at)) if clock and int(profile_at) else None
-    result = main.train(cfg)
+    result = loop.train(cfg)
     rank, world, _ = setup_distributed(cfg)
     if rank == 0:
         steps = clock.summary(profiled=profiler.slowed if profiler else ()) if clock else {}

@@ -53,7 +53,7 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import main  # noqa: E402
+from training import loop  # noqa: E402
 from data.loading import build_data  # noqa: E402
 from data.shapes import make_shapes_dataset  # noqa: E402
 from models.config import VLMConfig  # noqa: E402
@@ -86,7 +86,7 @@ def settings(args):
 
 
 def held_out(result, cfg):
-    """Exact-caption accuracy (greedy) and loss on the held-out split, for the model main.train returned."""
+    """Exact-caption accuracy (greedy) and loss on the held-out split, for the model loop.train returned."""
     model = result["model"]
     _, val_loader = build_data(cfg, model, 0, 1)
     rows, _ = sample_captions(model, val_loader.dataset, len(val_loader.dataset), next(model.parameters()).device)
@@ -105,7 +105,7 @@ def sweep(args):
     base = prepare(args)
     done = {r["name"] for r in saved["rows"]}
     phase1 = dataclasses.replace(base, phase="projector", out_dir=str(out / "projector"))
-    result = main.train(phase1)  # resumes, or returns at once, where an earlier sweep trained it
+    result = loop.train(phase1)  # resumes, or returns at once, where an earlier sweep trained it
     if "phase 1 only" not in done:
         saved["rows"].append({"name": "phase 1 only", "phases": "1", **held_out(result, phase1)})
     for s in settings(args):
@@ -113,7 +113,7 @@ def sweep(args):
             continue
         cfg = dataclasses.replace(base, phase="lora", init_from=phase1.out_dir, out_dir=str(out / s["name"]),
                                   **{k: v for k, v in s.items() if k != "name"})  # one cut short resumes
-        saved["rows"].append({**s, "phases": "1+2", **held_out(main.train(cfg), cfg)})
+        saved["rows"].append({**s, "phases": "1+2", **held_out(loop.train(cfg), cfg)})
         path.write_text(json.dumps(saved, indent=2) + "\n")  # after each setting: a sweep cut short keeps them
     path.write_text(json.dumps(saved, indent=2) + "\n")
     return saved["rows"]
@@ -137,4 +137,4 @@ def table(rows):
 
 
 if __name__ == "__main__":
-    print(table(main.run_command(lambda: sweep(ARGS))))
+    print(table(loop.run_command(lambda: sweep(ARGS))))

@@ -20,7 +20,7 @@ SigLIP-B/16 + SmolLM2-135M, projector phase (docs/speed.md has the history and t
   to look for packed sequences (a host wait every forward).
 - **A frozen heap** (FrozenHeap). Python's full garbage collections scan every live object; after the first step
   those are chiefly compile's millions, alive for good, and each scan stalled a step for 0.5-0.7 s (an H100's host).
-- **Evaluation and generation run eager** (`torch.compiler.set_stance("force_eager")` on main.evaluate and
+- **Evaluation and generation run eager** (`torch.compiler.set_stance("force_eager")` on training.loop.evaluate and
   VLM.generate_from_ids): compiled blocks would compile and record a second set of CUDA graphs for every length.
 """
 import gc
