@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, Dinov2Config, Dinov2Model, SiglipVisionConfig
 
-from training import checkpoint
-import generate
-from training import loop
+from training import checkpoint, loop
+from training.captioning import caption_files
+from training.export import export
 from models.config import ConfigError, PRESETS, VLMConfig, parse_overrides
 from models.lora import lora_layers
 from models.tiny import build_vision, image_processor
@@ -60,9 +60,9 @@ def test_tower_trains_both_phases_reloads_captions_and_exports(tiny_cfg, towers,
 
     reloaded = checkpoint.load_model(tmp_path / "ckpt")
     torch.testing.assert_close(logits(reloaded, pixels), expected)
-    [(_, caption, error)] = generate.caption_files(reloaded, [image], batch_size=1, max_new_tokens=4)
+    [(_, caption, error)] = caption_files(reloaded, [image], batch_size=1, max_new_tokens=4)
     assert error is None and isinstance(caption, str)
-    generate.export(reloaded, tmp_path / "export")
+    export(reloaded, tmp_path / "export")
     exported = checkpoint.load_model(tmp_path / "export")
     assert not lora_layers(exported) and len(exported.vision.towers) == len(trained.vision.towers)
     torch.testing.assert_close(logits(exported, pixels), expected, rtol=0, atol=1e-5 * expected.abs().max())
