@@ -53,7 +53,8 @@ def test_the_instruction_demo_answers_held_out_questions(tmp_path, capsys):
     """demo.py --instruct, 2 epochs a phase: held-out pictures asked colour, shape, place, count and yes/no
     questions are mostly answered right (4 epochs, the default: 0.82 exact, VQA-normalised)."""
     import demo
+    from training.demo import run
     cfg = dataclasses.replace(demo.demo_config(), out_dir=str(tmp_path), epochs=2, num_workers=0)
-    scores = demo.run(cfg, instruct=True)["answer_scores"]
+    scores = run(cfg, instruct=True)["answer_scores"]
     assert scores["vqa_exact_match"] > 0.5 and scores["yes_no_n"] > 0
     assert "scores over" in capsys.readouterr().out

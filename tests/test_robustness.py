@@ -565,13 +565,13 @@ def test_two_trainings_cannot_share_an_out_dir_and_a_dead_ones_lock_does_not_blo
 
 def test_a_stopped_phase_stops_the_demo_with_the_signals_exit_code(tiny_cfg, monkeypatch):
     """Ctrl-C in phase 1 used to go on to phase 2 on a half-trained projector and exit 0."""
-    import demo
+    from training import demo
     phases = []
 
     def stopped_training(cfg):
         phases.append(cfg.phase)
         raise loop.Stopped(signal.SIGINT, 7, Path(cfg.out_dir) / "step_00000007")
-    monkeypatch.setattr(loop, "train", stopped_training)
+    monkeypatch.setattr(demo, "train", stopped_training)
     monkeypatch.setattr(demo, "prepare", lambda cfg: cfg)
     with pytest.raises(SystemExit) as e:
         loop.run_command(lambda: demo.run(tiny_cfg))
