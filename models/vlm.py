@@ -84,6 +84,11 @@ def load_weights(model, path):
     return model
 
 
+def autocast(device):
+    """The model's autocast: bf16 on a GPU (where VLM.place stores the frozen weights in bf16), none on the CPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
 @dataclass
 class VLMOutput:
     loss: torch.Tensor = None      # mean over label tokens

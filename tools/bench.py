@@ -35,9 +35,9 @@ from training import loop
 from models.config import VLMConfig, parse_overrides
 from models.prompt import DEFAULT_PROMPT, encode_prompt
 from models.tiny import build_lm, build_vision
-from models.vlm import VLM
+from models.vlm import VLM, autocast
 from training import checkpoint
-from training.distributed import setup_distributed
+from training.distributed import pick_device, setup_distributed
 
 CC3M_EPOCH = 595_375  # records in LLaVA-CC3M-Pretrain-595K
 WORDS = ("a man woman dog cat car tree house city street beach sunset people group young old red blue green "
@@ -254,7 +254,7 @@ def greedy_without_cache(model, pixel_values, max_new_tokens):
     from inputs_embeds it decodes with the cache whatever use_cache says.)"""
     ids = torch.tensor([encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * len(pixel_values),
                        device=pixel_values.device)
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=ids.is_cuda), \
+    with torch.no_grad(), autocast(ids.device), \
             torch.compiler.set_stance("force_eager"):  # compiled layers would recompile for every new length
         for _ in range(max_new_tokens):
             ids = torch.cat([ids, model(ids, pixel_values).logits[:, -1:].argmax(-1)], dim=1)
@@ -294,7 +294,7 @@ def summarize(cfg, result, world):
     med = {k: statistics.median(s[k] for s in steady) for k in ("samples_per_s", "tokens_per_s", "fill", "data_wait")}
     mfu = [s["mfu"] for s in steady if s["mfu"] is not None]
     mem = max((s["peak_mem_gb"] or 0) for s in stats)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+    device = torch.cuda.get_device_name() if pick_device(cfg.device).type == "cuda" else "cpu"
     return {"phase": cfg.phase, "data": Path(cfg.data_dir).name, "image_tokens": result["model"].n_image_tokens,
             "gpus": world, "device": device, "step_tokens": cfg.batch_tokens * cfg.grad_accum * world,
             "compile": cfg.compile, "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"], **med, "mfu": statistics.median(mfu) if mfu else None, "peak_mem_gb": mem,
@@ -306,7 +306,7 @@ if __name__ == "__main__":
     argv, profile_at = pop_flag(sys.argv[1:], "--profile_at", "0")
     argv, generate = pop_flag(argv, "--generate", "true")
     cfg = bench_config(argv)
-    clock = StepClock() if torch.cuda.is_available() and cfg.device != "cpu" else None
+    clock = StepClock() if pick_device(cfg.device).type == "cuda" else None
     profiler = StepProfiler(int(profile_at)) if clock and int(profile_at) else None
     result = loop.train(cfg)
     rank, world, _ = setup_distributed(cfg)

@@ -14,6 +14,7 @@ from models.native import native_export
 from models.prompt import SampleError
 from models.vision import image_pixels
 from training import checkpoint
+from training.distributed import pick_device
 from training.export import export
 
 
@@ -47,6 +48,7 @@ def caption_and_export(args):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.utils.logging.disable_progress_bar()
     try:
+        device = pick_device(args.device)
         path = checkpoint.resolve(args.checkpoint)
         model = checkpoint.load_model(path)
     except (ConfigError, HubError) as e:
@@ -61,8 +63,7 @@ def caption_and_export(args):
         except ValueError as e:  # a projector or tower with no transformers class: what to train instead
             sys.exit(f"error: {e}")
         print(f"exported {path} to {args.native} as transformers' own class", file=sys.stderr)
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    model.place("cuda" if cuda else "cpu")
+    model.place(device)
     torch.manual_seed(args.seed)
     failed = 0
     for path, caption, error in caption_files(model, args.images, args.batch_size, prompt=args.prompt,

@@ -17,7 +17,9 @@ from models.config import ConfigError
 from models.hub import HubError
 from models.prompt import IGNORE, IMAGE_TOKEN, encode
 from models.vision import image_pixels
+from models.vlm import autocast
 from training import checkpoint
+from training.distributed import pick_device
 
 
 def timed(method):
@@ -108,7 +110,6 @@ class TinyVLM(lmms):
         reply rows, right-padded (causal: a row never sees its padding). Each pair is wrapped in a GenerationResult:
         lmms-eval 0.7.3's evaluator turns any other tuple into its str(), which multiple-choice scoring cannot read."""
         results = [None] * len(requests)
-        autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
         for chunk, batch in self._batches(requests):
             rows, images = [], []
             for context, continuation, doc_to_visual, doc_id, task, split in batch:
@@ -121,7 +122,7 @@ class TinyVLM(lmms):
             ids = torch.full((len(rows), T), self.model.tokenizer.pad_token_id, dtype=torch.long)
             for r, (row, _) in enumerate(rows):
                 ids[r, :len(row)] = torch.tensor(row)
-            with autocast:
+            with autocast(self.device):
                 logprobs = self.model(ids.to(self.device), self._pixels(images)).logits.float().log_softmax(-1)
             for r, (i, (_, labels)) in enumerate(zip(chunk, rows)):
                 at = torch.tensor([t for t, label in enumerate(labels) if label != IGNORE][:-1])  # the reply's tokens
@@ -156,7 +157,6 @@ def results_line(results):
 
 def score_tasks(args):
     """tools/lmms.py's work, its flags (args) checked: each task scored, its file written; returns {task: results}."""
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     try:
         path = checkpoint.resolve(args.checkpoint)
         taken = [str(result_path(path, t, args.limit)) for t in args.tasks if result_path(path, t, args.limit).exists()]
@@ -165,7 +165,7 @@ def score_tasks(args):
                               "those tasks again")
         manager = TaskManager("WARNING", include_path=args.include_path)
         check_tasks(args.tasks, manager)
-        model = TinyVLM(checkpoint.load_model(path).place(torch.device("cuda" if cuda else "cpu")), args.batch_size)
+        model = TinyVLM(checkpoint.load_model(path).place(pick_device(args.device)), args.batch_size)
     except (ConfigError, HubError) as e:
         sys.exit(f"error: {e}")
     scores = {}

@@ -17,9 +17,9 @@ from data.download import DataError
 from data.llava import start_workers, steps_of_micro_batches
 from data.loading import build_data, open_data
 from data.packing import to_device
-from models.config import ConfigError, VLMConfig
+from models.config import PHASE_LRS, ConfigError, VLMConfig
 from models.hub import HubError
-from models.vlm import VLM, check_shapes, load_tokenizer
+from models.vlm import VLM, autocast, check_shapes, load_tokenizer
 from training import checkpoint, speed
 from training.bookkeeping import Bookkeeping
 from training.distributed import all_reduce, setup_distributed
@@ -39,13 +39,13 @@ def build_model(cfg, device, resuming, tokenizer=None):
 
 
 def build_optimizer(cfg, model):
-    """AdamW with one group per (lr, weight decay): projector vs adapters (full phase: one rate for all); decay on
-    matrices only."""
-    projector_lr = {"projector": cfg.projector_lr, "lora": cfg.lora_projector_lr, "full": cfg.full_lr}[cfg.phase]
+    """AdamW with one group per (lr, weight decay): the projector at its rate, the other trained weights at theirs
+    (models.config.PHASE_LRS); decay on matrices only."""
+    projector_lr, other_lr = (getattr(cfg, field) for field in PHASE_LRS[cfg.phase])
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            lr = projector_lr if name.startswith("projector.") else cfg.full_lr if cfg.phase == "full" else cfg.lora_lr
+            lr = projector_lr if name.startswith("projector.") else other_lr
             groups.setdefault((lr, cfg.weight_decay if p.ndim >= 2 else 0.0), []).append(p)
     # fused on every device: one kernel for all tensors, and it can skip a step on the device (found_inf)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
@@ -55,19 +55,33 @@ def build_optimizer(cfg, model):
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")
-def evaluate(model, loader, device, autocast):
+def val_loss(model, loader, device):
     """Mean loss over the whole validation split (each rank its shard, summed across ranks). It runs eager:
     compiled layers would compile and record a second (no-grad) set of CUDA graphs for every length, for a
     small share of the run's time, and interleave them with training's."""
     model.eval()
     loss_sum, n_tokens = torch.zeros((), device=device), 0
     for b in start_workers(loader):
-        with autocast:
+        with autocast(device):
             loss_sum += model(**to_device(b, device)).loss_sum
         n_tokens += b["n_label_tokens"]
     model.train()
     total = all_reduce(torch.stack([loss_sum, torch.tensor(float(n_tokens), device=device)]))
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def evaluate(model, val_loader, cfg, step, done, rank, device, reporter):
+    """The validation loss, a few sample captions, and at the end of the phase the captioning metrics (rank 0:
+    they are slow), logged. Returns what goes into train's result."""
+    out = {"val_loss": val_loss(model, val_loader, device)}
+    captions = sample_captions(model, val_loader.dataset, cfg.eval_captions, device)[0] if rank == 0 else []
+    reporter.print(f"step {step}: val loss {out['val_loss']:.4f}")
+    reporter.log(step, {"val_loss": out["val_loss"]}, captions)
+    if done and cfg.metric_records and rank == 0:
+        out["caption_scores"], _, _ = caption_metrics(model, val_loader.dataset, cfg.metric_records, device)
+        reporter.print(f"step {step}: " + score_line(out["caption_scores"]))
+        reporter.log(step, {f"val_{k}": v for k, v in out["caption_scores"].items()})
+    return out
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -96,10 +110,9 @@ def train(cfg: VLMConfig):
         scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_frac * total), total)
         saved = checkpoint.load(resume_from, model, optimizer, scheduler, rank) if resume_from else {}
         # the run's id (kept across resumes: wandb's run, and which checkpoints rotation may remove) and its data
-        run = {"run_id": saved.get("run_id") or new_run_id(), "data_identity": data["identity"]}
+        run = {"run_id": saved.get("run_id") or checkpoint.new_run_id(), "data_identity": data["identity"]}
         forward = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
         params = speed.prepare(model, cfg, device, world)
-        autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
         book = Bookkeeping(cfg, model, device, world, total, saved)  # the counts: loss, skips, throughput, the step
         steps = steps_of_micro_batches(train_loader, book.step, cfg.grad_accum)
         reporter = Reporter(cfg, rank, book.step, run["run_id"])
@@ -118,7 +131,7 @@ def train(cfg: VLMConfig):
             while book.step < total:
                 lr = scheduler.get_last_lr()[0]  # this step's learning rate (the scheduler steps after it)
                 batches, data_wait = next(steps)  # the step's grad_accum micro-batches, and the wait for them
-                step_loss, n_tokens, finite = train_step(forward, batches, optimizer, params, cfg, device, autocast)
+                step_loss, n_tokens, finite = train_step(forward, batches, optimizer, params, cfg, device)
                 scheduler.step()
                 step = book.add(batches, data_wait, step_loss, n_tokens, finite)
                 bar.update()
@@ -129,7 +142,7 @@ def train(cfg: VLMConfig):
                     if logged["longest_streak"] >= cfg.max_bad_steps:
                         raise RuntimeError(non_finite_advice(cfg, step, save()))
                 if cfg.val_size and book.due(cfg.eval_every):
-                    result.update(validate(model, val_loader, cfg, step, step == total, rank, device, autocast, reporter))
+                    result.update(evaluate(model, val_loader, cfg, step, step == total, rank, device, reporter))
                 stopping = stop.agreed()
                 if book.due(cfg.eval_every) or stopping:  # a stopped run draws its curves too
                     reporter.plot_curves()
@@ -148,7 +161,7 @@ def train(cfg: VLMConfig):
                 "unusable": dict(data["unusable"]), "skipped": dict(skipped), "truncated": truncated}
 
 
-def train_step(forward, batches, optimizer, params, cfg, device, autocast):
+def train_step(forward, batches, optimizer, params, cfg, device):
     """One optimizer step over grad_accum micro-batches (forward is the model, or its DDP wrapper). Returns, on the
     device: the summed loss, the global batch's label tokens, and whether the step was finite (else it was skipped)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -161,7 +174,7 @@ def train_step(forward, batches, optimizer, params, cfg, device, autocast):
     try:
         for i, batch in enumerate(batches):  # (one whose records were all unusable trains nothing: same shape)
             with forward.no_sync() if world > 1 and i < len(batches) - 1 else nullcontext():
-                with autocast:
+                with autocast(device):
                     out = forward(**to_device(batch, device))
                 (out.loss_sum * world / n_global.clamp(min=1)).backward()
             step_loss += out.loss_sum.detach()
@@ -191,22 +204,8 @@ def log_step(reporter, step, total, lr, logged):
 def non_finite_advice(cfg, step, path):
     return (f"{cfg.max_bad_steps} steps in a row had a non-finite loss or gradient (by step {step}); saved {path}, "
             f"its weights the last finite ones. To go on at a lower learning rate, start a new run from it: "
-            f"--init_from {path} --out_dir {cfg.out_dir}-lower-lr and a lower --{lr_field(cfg)} (resuming this run "
+            f"--init_from {path} --out_dir {cfg.out_dir}-lower-lr and a lower --{PHASE_LRS[cfg.phase][1]} (resuming this run "
             "retries at the same rate; --max_bad_steps tolerates longer streaks)")
-
-
-def validate(model, val_loader, cfg, step, done, rank, device, autocast, reporter):
-    """The validation loss, a few sample captions, and at the end of the phase the captioning metrics (rank 0:
-    they are slow), logged. Returns what goes into train's result."""
-    out = {"val_loss": evaluate(model, val_loader, device, autocast)}
-    captions = sample_captions(model, val_loader.dataset, cfg.eval_captions, device)[0] if rank == 0 else []
-    reporter.print(f"step {step}: val loss {out['val_loss']:.4f}")
-    reporter.log(step, {"val_loss": out["val_loss"]}, captions)
-    if done and cfg.metric_records and rank == 0:
-        out["caption_scores"], _, _ = caption_metrics(model, val_loader.dataset, cfg.metric_records, device)
-        reporter.print(f"step {step}: " + score_line(out["caption_scores"]))
-        reporter.log(step, {f"val_{k}": v for k, v in out["caption_scores"].items()})
-    return out
 
 
 def unusable_line(unusable, n_records):
@@ -225,18 +224,6 @@ def report_data(reporter, cfg, seen, skipped, truncated):
     if truncated:
         reporter.print(f"truncated {truncated} of {seen} samples at the end of an assistant turn to fit "
                        f"max_text_tokens={cfg.max_text_tokens}: their later turns did not train (raise it to keep them)")
-
-
-def lr_field(cfg):
-    return {"projector": "projector_lr", "lora": "lora_lr", "full": "full_lr"}[cfg.phase]
-
-
-def new_run_id():
-    """Rank 0's fresh id, on every rank."""
-    ids = [checkpoint.new_run_id()]
-    if dist.is_initialized():
-        dist.broadcast_object_list(ids, src=0)
-    return ids[0]
 
 
 def run_command(task):

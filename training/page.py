@@ -6,7 +6,6 @@ from pathlib import Path
 from threading import Thread
 
 import gradio as gr
-import torch
 import transformers
 from PIL import Image
 from transformers import TextIteratorStreamer
@@ -17,6 +16,7 @@ from models.hub import HubError
 from models.prompt import DEFAULT_PROMPT, IMAGE_TOKEN, SampleError
 from models.vision import image_pixels
 from training import checkpoint
+from training.distributed import pick_device
 
 MAX_FILE_BYTES = 20 * 2**20
 MAX_PIXELS = 50_000_000  # decoding more would take seconds and gigabytes, and the model sees a small square anyway
@@ -152,9 +152,8 @@ def build_page(model, examples_dir):
 def serve(args):
     """app.py's work, its flags (args) checked: load the checkpoint and serve the page until stopped."""
     transformers.utils.logging.disable_progress_bar()
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     try:
-        model = checkpoint.load_model(args.checkpoint).place("cuda" if cuda else "cpu")
+        model = checkpoint.load_model(args.checkpoint).place(pick_device(args.device))
     except (ConfigError, HubError) as e:
         sys.exit(f"error: {e}")
     build_page(model, args.examples).launch(server_port=args.port, max_file_size=MAX_FILE_BYTES)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 import transformers
 
 from data.download import DataError
@@ -14,6 +13,7 @@ from data.llava import ImageStore, LlavaDataset, data_identity, id_of, load_reco
 from models.config import ConfigError, VLMConfig
 from models.hub import HubError
 from training import checkpoint
+from training.distributed import pick_device
 from training.metrics import score_line
 from training.report import caption_metrics
 
@@ -116,9 +116,8 @@ def score_checkpoint(args):
     """eval.py's work, its flags (args) checked: the scores, also written with every answer to the JSON file."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizing happens in the workers
     transformers.utils.logging.disable_progress_bar()
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
     try:
+        device = pick_device(args.device)
         path = checkpoint.resolve(args.checkpoint)
         data = records_to_score(path, args.data_dir, args.split, args.chat_json)
         print(f"split {data.split}{' (auto)' if args.split == 'auto' else ''}: {data.why}", flush=True)
