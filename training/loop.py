@@ -181,8 +181,7 @@ def train_step(forward, batches, optimizer, params, cfg, device):
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
         finite = torch.isfinite(norm)
         # Fused AdamW skips the update on the device when found_inf is set: no host sync. found_inf is GradScaler's
-        # channel, not a public API (none skips on the device); tests/test_gpu.py::test_fused_adamw_skips_a_non_
-        # finite_step_on_cuda and tests/test_robustness.py::test_non_finite_steps_are_skipped_and_counted guard it.
+        # channel, not a public API (none skips on the device), so a GPU test and a CPU test guard it.
         optimizer.found_inf = (~finite).float()
         optimizer.step()
     except torch.cuda.OutOfMemoryError:
