@@ -18,6 +18,7 @@ from test_instruct_data import instruct  # noqa: F401 (a fixture)
 from test_robustness import on_projector_forward, spy_optimizer_steps
 from test_train import check_resume_is_exact
 from models.lora import lora_layers
+from models.prompt import label_positions
 from models.vlm import VLM
 from training import speed
 
@@ -30,9 +31,10 @@ def cuda_cfg(tiny_cfg):
 
 
 def loss_of(model, batch, dtype=None):
+    """The mean loss per label token."""
     batch = {k: v.cuda() for k, v in batch.items()}
     with torch.autocast("cuda", dtype) if dtype else torch.autocast("cuda", enabled=False):
-        return model(**batch).loss.float()
+        return (model(**batch).loss_sum / len(label_positions(batch["labels"]))).float()
 
 
 def assert_losses_close(got, expected):

@@ -158,7 +158,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_cfg, tiny
         for mlp in (model.lm.base_model.layers[0].mlp, model.vision.towers[0].encoder.layers[0].mlp):
             mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # a recompute stops once it has what it needs
         torch.manual_seed(1)
-        loss = model(**tiny_batch(model)).loss
+        loss = model(**tiny_batch(model)).loss_sum
         loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         return loss, grads, len(calls)
@@ -180,7 +180,7 @@ def test_gradient_checkpointing_recomputes_the_frozen_lm_in_the_projector_phase(
         model = VLM.from_config(dataclasses.replace(tiny_cfg, gradient_checkpointing=checkpointing)).train()
         calls = []
         model.lm.base_model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
-        model(**tiny_batch(model)).loss.backward()
+        model(**tiny_batch(model)).loss_sum.backward()
         assert not any(m.training for m in model.lm.modules() if isinstance(m, torch.nn.Dropout))
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(calls)
 
