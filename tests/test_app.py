@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from conftest import REPO
+from models.config import VLMConfig
+from models.vision import image_pixels
+from models.vlm import VLM
+from training import checkpoint
 
 gr = pytest.importorskip("gradio", reason="the page's dependencies are an extra: uv sync --extra app")
-from training import page  # noqa: E402
-from training import checkpoint  # noqa: E402
-from models.config import VLMConfig  # noqa: E402
-from models.vision import image_pixels  # noqa: E402
-from models.vlm import VLM  # noqa: E402
+from training import page  # noqa: E402 (it imports gradio)
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,20 @@ import json
 import textwrap
 from types import SimpleNamespace
 
+import datasets
 import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config
+from models.prompt import IGNORE
+from models.vision import image_pixels
+from models.vlm import VLM
+from tools import lmms
+from training import checkpoint
 
 pytest.importorskip("lmms_eval")
-
-import datasets  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from conftest import tiny_config  # noqa: E402
-from models.prompt import IGNORE  # noqa: E402
-from models.vision import image_pixels  # noqa: E402
-from models.vlm import VLM  # noqa: E402
-from tools import lmms  # noqa: E402
-from training.lmms import TinyVLM  # noqa: E402
-from training import checkpoint  # noqa: E402
+from training.lmms import TinyVLM  # noqa: E402 (it imports lmms-eval)
 
 UTILS = '''
 def doc_to_visual(doc):
