@@ -3,7 +3,9 @@
 Nothing heavy is imported here: main.py checks a user's data with it before it imports torch.
 """
 import hashlib
+import os
 import shutil
+import time
 from pathlib import Path
 
 from models.hub import OFFLINE_DEMO, hub_reachable
@@ -55,11 +57,25 @@ def not_records(chat_json, empty):
     return DataError(f"{chat_json} must hold a JSON array of LLaVA records" + (", and it is empty" if empty else ""))
 
 
+_SHA256 = {}  # (path, size, modification time, inode) -> the file's sha256
+SETTLED_S = 2.0  # a file modified more recently than this is never remembered (file_sha256)
+
+
 def file_sha256(path):
+    """The sha256 of a file's bytes, remembered while the file keeps its size, modification time and inode: a resume
+    checks chat.json against its checkpoint (training/checkpoint.py) and open_data then records it, one read of the
+    file for both. A file modified in the last SETTLED_S seconds is not remembered: rewritten within the same tick of
+    the filesystem's clock, it could keep all three."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key in _SHA256:
+        return _SHA256[key]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
+    if time.time() - stat.st_mtime >= SETTLED_S:
+        _SHA256[key] = digest.hexdigest()
     return digest.hexdigest()
 
 

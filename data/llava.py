@@ -26,12 +26,13 @@ from datasets import Dataset
 from PIL import Image, ImageOps
 
 from data.download import DataError, file_sha256, not_records
-from models.prompt import SampleError, encode, encoded_length, to_messages, trained_turns
+from models.prompt import SampleError, encode, encoded_length, rendered_lengths, to_messages, trained_turns
 from models.vision import image_pixels
 
 
 def load_records(chat_json):
-    """chat.json (one JSON array) -> a `datasets.Dataset` of one JSON string per record.
+    """chat.json (one JSON array) -> a `datasets.Dataset` of one JSON string per record ("record") and the image file
+    it names ("image"; None for a text-only or malformed record: data/loading.py checks that each is there).
 
     Records stay serialized so that a malformed one fails alone, in its worker, instead of breaking
     schema inference for all 595k; the Arrow column is shared by forked workers without copies.
@@ -42,7 +43,27 @@ def load_records(chat_json):
         raise DataError(f"{chat_json} is not valid JSON ({e}): a truncated download or copy?") from None
     if not isinstance(raw, list) or not raw:
         raise not_records(chat_json, empty=raw == [])
-    return Dataset.from_dict({"record": [json.dumps(r) for r in raw]})
+    return Dataset.from_dict({"record": [json.dumps(r) for r in raw], "image": [image_name(r) for r in raw]})
+
+
+def image_name(record):
+    """The image file a record names, if it is well formed (parse_record) and names one. A name that is no text (a lone
+    surrogate, which Arrow cannot hold) becomes "": no file has either name, so either way the image is missing."""
+    image = record.get("image") if isinstance(record, dict) else None
+    if not isinstance(image, str):
+        return None
+    try:
+        image.encode("utf-8")
+    except UnicodeEncodeError:
+        return ""
+    return image
+
+
+def parse_record(text):
+    record = json.loads(text)
+    if not isinstance(record, dict) or not isinstance(record.get("image", ""), str):
+        raise SampleError("malformed_record", "needs 'conversations' and, if any, an 'image' file name")
+    return record
 
 
 def data_identity(chat_json, n_records):
@@ -112,7 +133,7 @@ class ImageStore:
         self._zip = self._members = self._pid = None
         if self.zip_path:  # a truncated download fails here, in one line, not inside a data worker
             try:
-                zipfile.ZipFile(self.zip_path).close()
+                self.members()  # (kept: reading the index of 595K members takes seconds, and has() needs it next)
             except (zipfile.BadZipFile, OSError) as e:
                 raise DataError(f"{self.zip_path} is not a readable zip ({e}): a truncated download or copy? "
                                 "Download or copy it again") from None
@@ -193,29 +214,31 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
-    def record(self, i):
-        record = json.loads(self.records[self.indices[i]]["record"])
-        if not isinstance(record, dict) or not isinstance(record.get("image", ""), str):
-            raise SampleError("malformed_record", "needs 'conversations' and, if any, an 'image' file name")
-        return record
-
-    def length(self, i):
-        """(tokens, None): the tokens record i's sample will take, from its text alone; (0, reason) for a record
-        already known to be unusable (its image missing, its text malformed or too long)."""
-        try:
-            record = self.record(i)
-            if "image" in record and not self.images.has(record["image"]):
-                return 0, "missing_image"
-            messages = checked_messages(record.get("conversations"))
-            return encoded_length(self.tokenizer, messages, self.n_image_tokens, self.max_text_tokens,
-                                  has_image="image" in record), None
-        except SampleError as e:
-            return 0, e.reason
+    def text_lengths(self, indices):
+        """For each of the records `indices`: (tokens, None), the tokens its sample will take, from its text alone (no
+        image is looked at); or (0, reason) for one whose text is known to be unusable (malformed, or too long). Their
+        texts are tokenized in one call (models.prompt.rendered_lengths)."""
+        results, parsed = [], []  # parsed: (position, messages, has_image) of each record whose text parses
+        for at, text in enumerate(self.records[[self.indices[i] for i in indices]]["record"]):
+            try:
+                record = parse_record(text)
+                parsed.append((at, checked_messages(record.get("conversations")), "image" in record))
+                results.append(None)
+            except SampleError as e:
+                results.append((0, e.reason))
+        counts = rendered_lengths(self.tokenizer, [messages for _, messages, _ in parsed])
+        for (at, messages, has_image), n in zip(parsed, counts):
+            try:
+                results[at] = encoded_length(self.tokenizer, messages, self.n_image_tokens, self.max_text_tokens,
+                                             has_image, rendered=n), None
+            except SampleError as e:
+                results[at] = 0, e.reason
+        return results
 
     def __getitem__(self, i):
         record_id = id_of(self.records[self.indices[i]]["record"], self.indices[i])
         try:
-            record = self.record(i)
+            record = parse_record(self.records[self.indices[i]]["record"])
             messages = checked_messages(record.get("conversations"))
             input_ids, labels = encode(self.tokenizer, messages, self.n_image_tokens, self.max_text_tokens,
                                        has_image="image" in record)

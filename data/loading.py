@@ -6,25 +6,31 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.download import DataError, chat_json_path, ensure_dataset
+from data.length_cache import kept_lengths, length_key
 from data.llava import (ImageStore, LlavaDataset, data_identity, id_of, ignore_stop_signals, load_records,
                         split_indices)
-from data.packing import Packer, PackedBatchSampler, plan_micro_batches, sample_lengths
+from data.packing import Packer, PackedBatchSampler, plan_micro_batches, text_lengths
 from models.config import ConfigError
 from models.vision import n_image_tokens
 
 
 def open_data(cfg, tokenizer, rank, world):
     """The records, their split, the images, and this rank's packed micro-batches, planned before the model loads
-    (packing needs every record's length: one pass over the text, data/packing.py): a data mistake (an empty or
-    truncated file, too few records, too many unusable ones) costs seconds, not the minutes of loading. The records
-    that pass finds unusable are judged over the whole data set (unusable) and left out of both splits; the split
-    itself stays that of every record (the same held-out records whatever is missing)."""
+    (packing needs every record's length: one pass over the text, data/packing.py, kept for the next start by
+    data/length_cache.py): a data mistake (an empty or truncated file, too few records, too many unusable ones) costs
+    seconds, not the minutes of loading. The records found unusable are judged over the whole data set (unusable) and
+    left out of both splits; the split itself stays that of every record (the same held-out records whatever is
+    missing)."""
     root = ensure_dataset(cfg)
     chat_json = chat_json_path(cfg)
     records = load_records(chat_json)
+    identity = data_identity(chat_json, len(records))
     images = ImageStore(root)
     text = LlavaDataset(records, range(len(records)), images, tokenizer, None, n_image_tokens(cfg), cfg.max_text_tokens)
-    lengths, reasons = zip(*sample_lengths(text, cfg.num_workers))
+    key = length_key(identity["sha256"], tokenizer, text.n_image_tokens, cfg.max_text_tokens)
+    from_text = kept_lengths(cfg.cache_dir, key, len(records), lambda: text_lengths(text, cfg.num_workers))
+    image_names = records["image"][:]  # a list: a datasets Column iterates row by row, for seconds
+    lengths, reasons = zip(*with_images(from_text, image_names, images))
     unusable = judge_unusable(records, reasons, cfg.max_bad_fraction)
     train_idx, val_idx = ([i for i in split if lengths[i]] for split in split_indices(len(records), cfg.val_size))
     sampler = PackedBatchSampler([lengths[i] for i in train_idx], cfg.batch_size, cfg.batch_tokens, rank, world,
@@ -36,7 +42,14 @@ def open_data(cfg, tokenizer, rank, world):
     val_batches = plan_micro_batches(range(len(val_idx)), [lengths[i] for i in val_idx], cfg.batch_size,
                                      cfg.batch_tokens)
     return dict(records=records, train_idx=train_idx, val_idx=val_idx, images=images, sampler=sampler,
-                val_batches=val_batches, unusable=unusable, identity=data_identity(chat_json, len(records)))
+                val_batches=val_batches, unusable=unusable, identity=identity)
+
+
+def with_images(text_lengths, image_names, images):
+    """Each record's (length, reason): its text's (text_lengths), or (0, "missing_image") if the image it names is not
+    there. Looked up at every start, never kept: images come and go without chat.json changing."""
+    return [(0, "missing_image") if name is not None and not images.has(name) else found
+            for found, name in zip(text_lengths, image_names)]
 
 
 def judge_unusable(records, reasons, max_bad_fraction):

@@ -8,10 +8,10 @@ crosses into the next sample. The vision tower sees the micro-batch's images pad
 IMAGE_MULTIPLE: a few image counts, however many records are text-only or unusable; the tower is compiled once for
 all of them (its batch dimension is dynamic) and records one CUDA graph per count.
 
-Planning needs every record's length before any image is read: sample_lengths tokenizes the text of each record
-once, in the DataLoader's worker processes (LlavaDataset.length). The records it finds unusable (a missing image,
-malformed or too long text) are left out of the plan (data/loading.py); the collator's holes are those that only
-loading finds (a corrupt image, a template problem).
+Planning needs every record's length before any image is read: text_lengths tokenizes the text of each record
+once, in the DataLoader's worker processes (LlavaDataset.text_lengths), and data/length_cache.py keeps the lengths
+for the next start. The records found unusable (a missing image, malformed or too long text) are left out of the plan
+(data/loading.py); the collator's holes are those that only loading finds (a corrupt image, a template problem).
 """
 from collections import Counter
 
@@ -134,21 +134,21 @@ class Packer:
         }
 
 
-class _Lengths(torch.utils.data.Dataset):
+class _TextLengths(torch.utils.data.Dataset):
     def __init__(self, dataset):
         self.dataset = dataset
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, i):
-        return self.dataset.length(i)
+    def __getitems__(self, indices):  # the DataLoader's batch in one call: its texts tokenized together
+        return self.dataset.text_lengths(indices)
 
 
-def sample_lengths(dataset, num_workers):
-    """Every record's (length in tokens, None), or (0, reason) for one known to be unusable (LlavaDataset.length),
-    tokenized in num_workers worker processes."""
-    loader = DataLoader(_Lengths(dataset), batch_size=1024, num_workers=num_workers, collate_fn=list,
+def text_lengths(dataset, num_workers):
+    """Every record's (length in tokens, None) from its text, or (0, reason) for one whose text is unusable
+    (LlavaDataset.text_lengths), tokenized 1024 records a call in num_workers worker processes."""
+    loader = DataLoader(_TextLengths(dataset), batch_size=1024, num_workers=num_workers, collate_fn=list,
                         worker_init_fn=ignore_stop_signals)
     return [n for chunk in start_workers(loader) for n in chunk]
 

@@ -61,10 +61,13 @@ def prepare_tokenizer(tokenizer):
     encode(tokenizer, probe * 2, n_image_tokens=0, has_image=False)  # raises if labels cannot be placed
 
 
-def _ids(tokenizer, messages, generation_prompt=False):
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+def _text(tokenizer, messages, generation_prompt=False):
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
                                          **TEMPLATE_VARIABLES)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _ids(tokenizer, messages, generation_prompt=False):
+    return tokenizer(_text(tokenizer, messages, generation_prompt), add_special_tokens=False)["input_ids"]
 
 
 def end_of_turn_id(tokenizer):
@@ -167,13 +170,21 @@ def trained_turns(labels):
     return spans
 
 
-def encoded_length(tokenizer, messages, n_image_tokens, max_text_tokens=None, has_image=True):
+def encoded_length(tokenizer, messages, n_image_tokens, max_text_tokens=None, has_image=True, rendered=None):
     """len(encode(...)[0]) for a conversation `encode` accepts: what packing plans micro-batches with, before any
-    image is read. A sample that fits takes one rendering (encode renders every turn); a longer one is encoded."""
-    n = len(_ids(tokenizer, messages))
+    image is read. A sample that fits takes one rendering (encode renders every turn), or none when `rendered` (its
+    rendered_lengths) is given; a longer one is encoded."""
+    n = len(_ids(tokenizer, messages)) if rendered is None else rendered
     if max_text_tokens is not None and n - has_image > max_text_tokens:
         n = len(encode(tokenizer, messages, 1, max_text_tokens, has_image=has_image)[0])  # cut at a turn's end
     return n + has_image * (n_image_tokens - 1)
+
+
+def rendered_lengths(tokenizer, conversations):
+    """len(_ids(tokenizer, messages)) of each conversation, its texts tokenized in one call: a call per text spent more
+    time in transformers' per-call Python than in the tokenizer itself (packing's length pass, data/llava.py)."""
+    texts = [_text(tokenizer, messages) for messages in conversations]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
 
 def encode_prompt(tokenizer, prompt, n_image_tokens):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .attention import PACKED_ATTENTION
+from .decode import DECODE_ATTENTION, SLOT_MULTIPLE, Decoder, decode, left_pad
 from .config import ConfigError, VLMConfig
 from .hub import from_hub
 from .lora import apply_lora, linear_names
@@ -110,6 +111,7 @@ class VLM(nn.Module):
         self.max_sample_len = self.n_image_tokens + cfg.max_text_tokens  # the longest sample a packed row holds
         self.carried = set()  # names of frozen weights a checkpoint set (training.checkpoint.init_weights): saved too
         self.cuda_graphs = False  # training/speed.compile_blocks sets it when its blocks replay as CUDA graphs
+        self.decoder, self.decoder_shape = None, None  # generation's state, kept between batches (decoder_for)
         self.projector = build_projector(cfg, vision.hidden_size, lm.config.hidden_size)
         self.vision.requires_grad_(False)
         self.lm.requires_grad_(cfg.phase == "full")  # the full phase trains every LM weight
@@ -255,7 +257,8 @@ class VLM(nn.Module):
         """Caption (or answer about) a batch of uint8 images [B, 3, H, W] (image_pixels). prompt: one for every
         image, or a list of one per image (rows of different lengths are left-padded and masked)."""
         prompts = [prompt] * len(pixel_values) if isinstance(prompt, str) else list(prompt)
-        ids = [encode_prompt(self.tokenizer, p, self.n_image_tokens) for p in prompts]
+        encoded = {p: encode_prompt(self.tokenizer, p, self.n_image_tokens) for p in set(prompts)}  # the template
+        ids = [encoded[p] for p in prompts]  # takes ~0.4 ms a prompt: once per distinct one, not per image
         return self.generate_from_ids(ids, pixel_values, max_new_tokens, temperature, top_p, streamer)
 
     @torch.no_grad()
@@ -281,32 +284,37 @@ class VLM(nn.Module):
     def generate_tokens(self, prompts, pixel_values, max_new_tokens=32, temperature=0.0, top_p=1.0, streamer=None):
         """The new tokens of each row [B, n] (padded after its end), for generate_from_ids' arguments. Rows are
         left-padded and masked, so each is decoded as if alone: the vision tower runs once per image, then the LM
-        decodes with its KV cache; each row stops at its own end-of-turn token. A transformers streamer (one row only)
-        receives the tokens as they come, e.g. TextIteratorStreamer for app.py."""
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), T), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):
-            ids[row, T - len(p):], mask[row, T - len(p):] = torch.tensor(p), 1
-        ids, mask = ids.to(pixel_values.device), mask.to(pixel_values.device)
-        autocast = torch.autocast("cuda", torch.bfloat16) if ids.is_cuda else contextlib.nullcontext()
+        decodes (models/decode.py); each row stops at its own end-of-turn token. A transformers streamer (one row
+        only) receives the tokens as they come, e.g. TextIteratorStreamer for app.py."""
+        ids, mask = (t.to(pixel_values.device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
+        # No cache of cast weights: it would hand the recorded decode step (models/decode.py) the bf16 copies made
+        # while recording (of trained weights: the adapters', a full phase's LM), freed when the context ends
+        autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if ids.is_cuda else contextlib.nullcontext()
         was_training = self.training
         self.eval()
-        # transformers' own SDPA attention reads the padding mask (packed attention, training's, needs none); eager:
-        # each decoded token is a new length, which compiled layers would recompile for
-        self.lm.set_attn_implementation("sdpa")
+        # the decoding attention reads the static cache and its mask (models/decode.py; packed attention, training's,
+        # reads neither); eager: compiled layers (training's) would compile again for every new length
+        self.lm.set_attn_implementation(DECODE_ATTENTION)
         try:
             with autocast, torch.compiler.set_stance("force_eager"):
-                out = self.lm.generate(
-                    inputs_embeds=self.embed(ids, pixel_values), attention_mask=mask,
-                    max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
-                    top_p=top_p if temperature > 0 else None,
-                    eos_token_id=[self.end_of_turn_id, self.tokenizer.eos_token_id],  # the reply's end, or the text's
-                    pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
+                return decode(self.decoder_for(*ids.shape, max_new_tokens, ids.device), self.embed(ids, pixel_values),
+                              mask, max_new_tokens, [self.end_of_turn_id, self.tokenizer.eos_token_id],  # the reply's
+                              self.tokenizer.pad_token_id, temperature, top_p, streamer)  # end, or the text's
         finally:
             self.lm.set_attn_implementation(PACKED_ATTENTION)
             self.train(was_training)
-        return out
+
+    def decoder_for(self, rows, prompt_len, max_new_tokens, device):
+        """The decoding state (models.decode.Decoder) for `rows` rows of prompt_len + max_new_tokens tokens, kept for the next
+        batch of that shape: on the GPU its step is a recorded CUDA graph, which reads the LM's weights where they
+        were when it was recorded, so weights moved or cast since (place) make a new one."""
+        slots = -(-(prompt_len + max_new_tokens) // SLOT_MULTIPLE) * SLOT_MULTIPLE
+        shape = (rows, slots, device, [p.data_ptr() for p in self.lm.parameters()])
+        if self.decoder is None or self.decoder_shape != shape:
+            self.decoder = None  # the old cache and graph go first
+            self.decoder = Decoder(self.lm, rows, slots, device, record_graph=device.type == "cuda")
+            self.decoder_shape = shape
+        return self.decoder
 
     def trainable_state_dict(self):
         """What a checkpoint holds: the trained weights (the projector, the adapters; in the full phase the LM too) and

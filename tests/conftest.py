@@ -51,8 +51,10 @@ def tiny_cfg(tiny_assets, tmp_path):
 
 
 def tiny_config(tiny_assets, tmp_path):
-    """A config for the tiny model: CPU, no workers, 16 validation records, logs every step."""
+    """A config for the tiny model: CPU, no workers, 16 validation records, logs every step, a cache folder of its
+    own (the records' lengths, data/length_cache.py)."""
     return VLMConfig(vision_model=tiny_assets.vision, lm_model=tiny_assets.lm, data_dir=tiny_assets.data_dir,
+                     cache_dir=str(tmp_path / "cache"),
                      device="cpu", out_dir=str(tmp_path / "run"), projector_hidden_dim=64, max_text_tokens=64,
                      batch_size=8, batch_tokens=544, grad_accum=1, num_workers=0, val_size=16, lora_dropout=0.0,
                      log_every=1,

@@ -1,5 +1,6 @@
 """The benchmark runs the real training loop; here on tiny backbones, on the CPU."""
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -83,3 +84,20 @@ def test_written_flop_count_matches_pytorch_flop_counter(tiny_cfg, tiny_batch, p
     n_labels = int((batch["labels"][:, 1:] != IGNORE).sum())
     written = flop_counter(model)([T] * B, n_labels, B)
     assert written == pytest.approx(counter.get_total_flops() - recomputed, rel=1e-3)
+
+
+def test_generation_bench_on_tiny_backbones(tmp_path, monkeypatch, capsys):
+    """tools.bench_generate's whole path on the CPU: the decoder against transformers' generate (all identical in
+    fp32), then eval.py on a checkpoint of the model."""
+    from tools import bench_generate
+    monkeypatch.chdir(tmp_path)
+    bench_generate.main(["--size", "tiny", "--batch", "4", "--new_tokens", "6", "--eval_records", "12",
+                         "--max_text_tokens", "64"])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("GENERATE ")][-1]
+    result = json.loads(line.removeprefix("GENERATE "))
+    assert result["device"] == "cpu" and result["batch"] == 4 and result["new_tokens"] == 6
+    assert result["identical"] == 1.0
+    assert result["captions_per_s"] > 0 and result["transformers_captions_per_s"] > 0
+    assert result["eval_records"] == 12 and result["eval_captions_per_s"] > 0
+    scored = json.loads(next((tmp_path / "checkpoints/bench/tiny/eval-checkpoint").glob("eval_all*.json")).read_text())
+    assert scored["n"] + scored["skipped"] == 12

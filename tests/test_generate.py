@@ -17,14 +17,14 @@ from training import checkpoint
 import generate
 from conftest import REPO
 from data.shapes import draw
-from tools.bench import greedy_without_cache
-from training.captioning import load_image
-from training.export import export
+from models.decode import STOP_CHECK
 from models.lora import lora_layers, strip_lora
 from models.prompt import DEFAULT_PROMPT, encode_prompt
 from training.checkpoint import load_model, save_model
 from models.vision import image_pixels
 from models.vlm import VLM
+from training.captioning import load_image
+from training.export import export
 
 SHAPES = [draw("red", "circle", "top left"), draw("blue", "square", "center"),
           draw("green", "triangle", "bottom right"), draw("white", "circle", "bottom left")]
@@ -41,6 +41,20 @@ def tiny_model(cfg, **overrides):
 
 def pixels(model, images=SHAPES):
     return image_pixels(model.processor, images)  # [B, 3, H, W] uint8
+
+
+def greedy_without_cache(model, pixel_values, max_new_tokens):
+    """Greedy decoding without a KV cache, the oracle of the cache: every step runs the whole sequence through the
+    model, then each row is cut at its end-of-turn."""
+    ids = torch.tensor([encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * len(pixel_values),
+                       device=pixel_values.device)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        for _ in range(max_new_tokens):
+            ids = torch.cat([ids, model(ids, pixel_values).logits[:, -1:].argmax(-1)], dim=1)
+    eot = model.tokenizer.eos_token_id
+    new = [row[-max_new_tokens:] for row in ids.tolist()]
+    return [model.tokenizer.decode(row[:row.index(eot)] if eot in row else row, skip_special_tokens=True).strip()
+            for row in new]
 
 
 def test_kv_cache_gives_the_same_captions(tiny_cfg):
@@ -84,7 +98,7 @@ def test_each_sequence_stops_at_its_own_end_of_turn(tiny_cfg):
     stopped, calls = run(16, stops={0: 3, 1: 6})
     assert stopped == [first3, second6]  # nothing after a row's end-of-turn is decoded
     assert len(first3) < len(second6)
-    assert calls == 7  # decoding ends with the last sequence, not at max_new_tokens
+    assert 7 <= calls < 7 + STOP_CHECK  # decoding ends soon after the last sequence (the host looks every few tokens)
     assert run(16)[1] == 16
 
 

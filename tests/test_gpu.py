@@ -18,9 +18,10 @@ from test_instruct_data import instruct  # noqa: F401 (a fixture)
 from test_robustness import on_projector_forward, spy_optimizer_steps
 from test_train import check_resume_is_exact
 from models.lora import lora_layers
-from models.prompt import label_positions
+from models.prompt import DEFAULT_PROMPT, encode_prompt, label_positions
 from models.vlm import VLM
 from training import speed
+from tools.bench_generate import transformers_generate
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -116,6 +117,43 @@ def test_a_batch_is_captioned_like_each_image_alone_on_cuda(cuda_cfg):
     pixels = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).cuda()
     alone = [model.generate(pixels[i:i + 1])[0] for i in range(4)]
     assert model.generate(pixels) == alone
+
+
+@pytest.mark.parametrize("phase", ["projector", "lora", "full"])
+def test_the_decode_step_replayed_as_a_cuda_graph_decodes_as_it_does_eagerly(cuda_cfg, phase):
+    """The one-token step recorded once and replayed (models/decode.py) gives the captions of the same step run
+    eagerly, token for token, also after the trained LM weights (fp32, cast by autocast inside the step) change in
+    place as an optimizer step changes them; and mostly those of transformers' generate (bf16: rounding may tip a
+    near tie)."""
+    model = VLM.from_config(dataclasses.replace(cuda_cfg, phase=phase)).place("cuda")
+    torch.nn.init.normal_(model.projector.down.weight, std=0.5)
+    for layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    pixels = torch.randint(0, 256, (16, *model.vision.pixel_shape), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0)).cuda()
+    prompts = [encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * 16
+
+    def graphed_and_eager():
+        graphed = model.generate_tokens(prompts, pixels, max_new_tokens=24)
+        graph, model.decoder.graph = model.decoder.graph, None  # the same decoder and buffers, its step run eagerly
+        eager = model.generate_tokens(prompts, pixels, max_new_tokens=24)
+        model.decoder.graph = graph
+        return graphed.tolist(), eager.tolist()
+    graphed, eager = graphed_and_eager()
+    assert model.decoder.graph is not None and graphed == eager
+    with torch.no_grad():
+        for p in model.lm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p), alpha=0.1)
+    if phase != "projector":
+        again, eager = graphed_and_eager()
+        assert again == eager and again != graphed
+    theirs = transformers_generate(model, prompts, pixels, 24, [model.end_of_turn_id, model.tokenizer.eos_token_id])
+    mine = torch.tensor(eager)
+    n = min(theirs.shape[1], mine.shape[1])
+    same = (theirs[:, :n].cpu() == mine[:, :n]).all(1).float().mean().item()
+    print(f"{phase}: identical to transformers' generate: {same:.0%} of 16 rows")
+    assert same >= 0.5
 
 
 def test_a_checkpoint_loads_on_cuda_as_it_trained(cuda_cfg):

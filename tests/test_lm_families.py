@@ -134,15 +134,14 @@ def test_generation_stops_at_the_end_of_turn_token(lms, tiny_assets, family, tem
     model = VLM.from_config(VLMConfig(vision_model=tiny_assets.vision, lm_model=lms(family, template, False),
                                       device="cpu", projector_hidden_dim=64)).eval()
     eot = model.tokenizer.convert_tokens_to_ids(end_of_turn(model.tokenizer, family, template))
-    # the LM head always prefers the end of turn, and the decoded lengths are read from the LM's generate
-    model.lm.get_output_embeddings().register_forward_hook(
-        lambda m, args, out: out.index_fill(-1, torch.tensor([eot]), 1e4))
-    lengths, lm_generate = [], model.lm.generate
+    # the LM head prefers the end of turn for the first token, a word after it: a reply that did not stop there
+    # would hold that word
+    word = model.tokenizer.convert_tokens_to_ids(model.tokenizer.tokenize(" circle")[0])
+    calls = []
 
-    def generate_and_count(**kw):
-        out = lm_generate(**kw)  # [B, new tokens]
-        lengths.append(out.shape[1])
-        return out
-    model.lm.generate = generate_and_count
+    def steer(module, args, logits):
+        calls.append(1)
+        return logits.index_fill(-1, torch.tensor([eot if len(calls) == 1 else word]), 1e4)
+    model.lm.get_output_embeddings().register_forward_hook(steer)
     assert model.generate(image_pixels(model.processor, [draw("red", "circle", "center")]), max_new_tokens=6) == [""]
-    assert lengths == [1]
+    assert len(calls) > 1  # the word was offered

@@ -8,6 +8,7 @@ import torch
 
 from conftest import model_inputs, packer
 from data.llava import ImageStore, LlavaDataset, load_records
+from data.loading import with_images
 from data.packing import image_slots, plan_micro_batches
 from data.shapes import draw
 from models.config import VLMConfig
@@ -152,9 +153,9 @@ def test_planned_micro_batches_keep_both_budgets_and_the_order():
 
 
 def test_planned_lengths_are_the_encoded_lengths(tiny_cfg, instruct):  # noqa: F811
-    """LlavaDataset.length (one rendering of the text, no image read) equals the encoded sample's length, for
-    captions, multi-turn and text-only records, cut by max_text_tokens or not; a record without its image is 0, and
-    says why."""
+    """The length pass (LlavaDataset.text_lengths: one rendering of each record's text, no image read) gives the
+    encoded sample's length, for captions, multi-turn and text-only records, cut by max_text_tokens or not; a record
+    without its image is 0, and says why (with_images)."""
     model = VLM.from_config(tiny_cfg)
     for chat_json, root in ((f"{tiny_cfg.data_dir}/chat.json", tiny_cfg.data_dir),
                             (instruct["chat_json"], instruct["data_dir"])):
@@ -162,14 +163,16 @@ def test_planned_lengths_are_the_encoded_lengths(tiny_cfg, instruct):  # noqa: F
         for max_text in (64, 12):
             data = LlavaDataset(records, list(range(len(records))), ImageStore(root), model.tokenizer,
                                 model.processor, model.n_image_tokens, max_text)
+            planned = data.text_lengths(range(len(data)))
             for i in range(len(data)):
                 item = data[i]
                 if "skip" not in item:
-                    assert data.length(i) == (len(item["input_ids"]), None), (chat_json, max_text, i)
+                    assert planned[i] == (len(item["input_ids"]), None), (chat_json, max_text, i)
     records = load_records(instruct["chat_json"])
     data = LlavaDataset(records, [0], ImageStore(tiny_cfg.data_dir), model.tokenizer, model.processor,
                         model.n_image_tokens, 64)  # the instruction images are not in this folder
-    assert data.length(0) == (0, "missing_image") and data[0]["skip"] == "missing_image"
+    assert with_images(data.text_lengths([0]), records["image"][:1], data.images) == [(0, "missing_image")]
+    assert data[0]["skip"] == "missing_image"
 
 
 def test_a_run_over_unusable_and_text_only_records_packs_every_batch_to_one_shape(tiny_cfg, instruct, monkeypatch):

@@ -6,11 +6,14 @@ full-size backbones with random weights, over synthetic CC3M-like JPEGs read fro
     uv run python -m tools.bench --data instruct --max_text_tokens 1024   # multi-turn, long-tailed (make_instruct_like)
     uv run python -m tools.bench --pixel_unshuffle 1         # 196 image tokens
     uv run python -m tools.bench --phase lora                # adapters on every LM linear layer
+    uv run python -m tools.bench --records 595375 --max_steps 20     # start-up at CC3M's size (start_s)
     torchrun --standalone --nproc_per_node 2 -m tools.bench  # data parallel
     uv run python -m tools.bench --size clip-l-336+phi-3-mini --phase lora --batch_size 16 --gradient_checkpointing true
 Any VLMConfig flag works (--batch_size, --compile false, ...). `--size` picks the backbones' shapes (SHAPES);
 `--size tiny` runs the same path on tiny backbones (the CPU test does that). `--profile_at N` profiles 8 steps
-from step N; `--generate false` skips the generation benchmark. `bash tools/bench_all.sh` runs the README's tables.
+from step N; `--records N` makes the data set N records (CC3M-595K's
+count is CC3M_EPOCH; a second run reads the records' lengths the first kept, data/length_cache.py). `bash
+tools/bench_all.sh` runs the README's tables (captioning: tools/bench_generate.py).
 """
 import gc
 import io
@@ -23,7 +26,6 @@ import statistics
 import sys
 import time
 import zipfile
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +35,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from training import loop
 from models.config import VLMConfig, parse_overrides
-from models.prompt import DEFAULT_PROMPT, encode_prompt
 from models.tiny import build_lm, build_vision
-from models.vlm import VLM, autocast
+from models.vlm import VLM
 from training import checkpoint
 from training.distributed import pick_device, setup_distributed
 
@@ -141,15 +142,22 @@ SHAPES = {"tiny": ("siglip", "tiny", "llama", "tiny"), "base": ("siglip", "base"
           "clip-l-336+phi-3-mini": ("clip", "clip-l-336", "phi3", "phi-3-mini")}
 
 
+def records_of(size):
+    """The synthetic data set's records for --size (--records sets another count)."""
+    return {"tiny": 400, "base": 20_000}.get(size, 2_000)
+
+
 def prepare(root, size, n_records, data="clean"):
     """The backbones (their tokenizer trained on the clean set's text) and the `data` variant, made once each."""
     if not (root / "lm" / "config.json").is_file():
         vision_family, vision_size, lm_family, lm_size = SHAPES[size]
-        corpus = make_cc3m_like(root / "data", n_records)
+        corpus = make_cc3m_like(root / "data", records_of(size))
         torch.manual_seed(0)
         build_vision(root / "vision", vision_family, vision_size)
         build_lm(root / "lm", corpus, lm_family, size=lm_size)
     folder = root / ("data" if data == "clean" else f"data-{data}")
+    if n_records != records_of(size):
+        folder = folder.with_name(f"{folder.name}-{n_records}")
     if not (folder / "chat.json").is_file():
         DATA[data](folder, n_records)
     return str(folder), str(root / "vision"), str(root / "lm")
@@ -159,12 +167,13 @@ def bench_config(argv):
     """Bench defaults (full-size backbones, 40 steps, no evaluation), then the user's flags."""
     argv, size = pop_flag(argv, "--size", "base")
     argv, data = pop_flag(argv, "--data", "clean")
+    argv, records = pop_flag(argv, "--records", None)
     root = Path("checkpoints/bench") / size
     cfg = parse_overrides(argv, VLMConfig(grad_accum=1, max_steps=40, log_every=10, val_size=256,
                                           eval_every=10**9, eval_captions=0, metric_records=0, save_every=10**9,
                                           resume=False,
                                           num_workers=min(16, torch.multiprocessing.cpu_count())))
-    data_dir, vision, lm = prepare(root, size, {"tiny": 400, "base": 20_000}.get(size, 2_000), data)
+    data_dir, vision, lm = prepare(root, size, int(records or records_of(size)), data)
     tag = f"{cfg.phase}-{data}-u{cfg.pixel_unshuffle}-t{cfg.batch_tokens}" + ("-compiled" if cfg.compile else "")
     cfg = VLMConfig.from_dict({**cfg.to_dict(), "data_dir": data_dir, "vision_model": vision, "lm_model": lm,
                                "out_dir": str(root / "runs" / tag)})
@@ -248,45 +257,6 @@ class StepProfiler:
             print(f"PROFILE step {wall_ms:.1f} ms wall, GPU busy {gpu_ms:.1f} ms ({gpu_ms / wall_ms:.0%})")
 
 
-def greedy_without_cache(model, pixel_values, max_new_tokens):
-    """Greedy decoding without a KV cache, the baseline of the cache (and its test): every step runs the whole
-    sequence through the model, then each row is cut at its end-of-turn. (transformers' generate cannot serve:
-    from inputs_embeds it decodes with the cache whatever use_cache says.)"""
-    ids = torch.tensor([encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * len(pixel_values),
-                       device=pixel_values.device)
-    with torch.no_grad(), autocast(ids.device), \
-            torch.compiler.set_stance("force_eager"):  # compiled layers would recompile for every new length
-        for _ in range(max_new_tokens):
-            ids = torch.cat([ids, model(ids, pixel_values).logits[:, -1:].argmax(-1)], dim=1)
-    eot = model.tokenizer.eos_token_id
-    new = [row[-max_new_tokens:] for row in ids.tolist()]
-    return [model.tokenizer.decode(row[:row.index(eot)] if eot in row else row, skip_special_tokens=True).strip()
-            for row in new]
-
-
-@torch.no_grad()
-def generation_speed(model, batch=64, new_tokens=32):
-    """Captions/s for one batch of random images, decoding exactly new_tokens (end-of-turn banned), with the KV
-    cache (model.generate) and without (greedy_without_cache); the median of 3 runs after a warm-up. Both are
-    bound by the host's Python at this size (an H100 is busy about 12% of the cached run)."""
-    size = model.vision.image_side
-    pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=next(model.parameters()).device)
-    eot = torch.tensor([model.tokenizer.eos_token_id], device=pixels.device)
-    ban = model.lm.get_output_embeddings().register_forward_hook(lambda m, a, out: out.index_fill(-1, eot, -1e4))
-    speeds = {}
-    for name, decode in (("cache", model.generate), ("no_cache", partial(greedy_without_cache, model))):
-        times = []
-        for _ in range(4):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            decode(pixels, max_new_tokens=new_tokens)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        speeds[f"captions_per_s_{name}"] = batch / statistics.median(times[1:])
-    ban.remove()
-    return {"batch": batch, "new_tokens": new_tokens, **speeds}
-
-
 def summarize(cfg, result, world):
     """Median over the log intervals after the first (which holds start-up and compilation)."""
     stats = result["stats"]
@@ -304,7 +274,6 @@ def summarize(cfg, result, world):
 
 if __name__ == "__main__":
     argv, profile_at = pop_flag(sys.argv[1:], "--profile_at", "0")
-    argv, generate = pop_flag(argv, "--generate", "true")
     cfg = bench_config(argv)
     clock = StepClock() if pick_device(cfg.device).type == "cuda" else None
     profiler = StepProfiler(int(profile_at)) if clock and int(profile_at) else None
@@ -313,5 +282,3 @@ if __name__ == "__main__":
     if rank == 0:
         steps = clock.summary(profiled=profiler.slowed if profiler else ()) if clock else {}
         print("BENCH " + json.dumps({**summarize(cfg, result, world), **steps}))
-        if clock and generate == "true":  # on the saved checkpoint, loaded as generate.py loads it
-            print("GENERATE " + json.dumps(generation_speed(checkpoint.load_model(result["checkpoint"]).place("cuda"))))
