@@ -14,6 +14,7 @@ import math
 import multiprocessing
 import os
 import signal
+import time
 import zipfile
 import zlib
 from collections import Counter
@@ -267,11 +268,15 @@ def checked_messages(conversations):
 def steps_of_micro_batches(loader, start_step, grad_accum):
     """Yields the grad_accum micro-batches of each optimizer step from any step on, from one iterator over the
     endless sampler: the data order is a function of the step alone, which is what makes resuming exact. (When
-    grad_accum does not divide an epoch's batches, a step may hold the end of one epoch and the start of the next.)"""
+    grad_accum does not divide an epoch's batches, a step may hold the end of one epoch and the start of the next.)
+    Each comes with the seconds the loop waited for it (the time this generator ran to make it)."""
     loader.batch_sampler.start = start_step * grad_accum
+    t0 = time.perf_counter()
     batches = start_workers(loader)
     while True:
-        yield [next(batches) for _ in range(grad_accum)]
+        step = [next(batches) for _ in range(grad_accum)]
+        yield step, time.perf_counter() - t0
+        t0 = time.perf_counter()
 
 
 FALSE_STOP = 1e-6  # the chance at which a share of unusable samples no higher than max_bad_fraction may stop a run

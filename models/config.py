@@ -154,6 +154,10 @@ class VLMConfig:
 
 
 PROJECTORS = ("swiglu", "mlp", "linear")  # models/projector.py builds each
+# Each phase's learning rates, as the fields that hold them: (the projector's, every other trained weight's: the
+# adapters in the lora phase, the LM in the full phase). The second is the one to lower when a phase diverges.
+PHASE_LRS = {"projector": ("projector_lr", "projector_lr"), "lora": ("lora_projector_lr", "lora_lr"),
+             "full": ("full_lr", "full_lr")}
 RETIRED = {"pad_multiple"}  # fields of older versions, read without a warning (packing made pad_multiple moot)
 # What an export's config.json adds for transformers (models/modeling_tinyvlm.py), read without a warning
 TRANSFORMERS_KEYS = {"model_type", "architectures", "auto_map"}

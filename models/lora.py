@@ -19,29 +19,10 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init nn.Linear (and peft) use
-        self.merged = False
 
     def forward(self, x):
-        y = self.base(x)
-        if self.merged:
-            return y
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return y + (self.dropout(x) @ a.t() @ b.t()) * self.scale
-
-    def delta(self):
-        return lora_delta(self.lora_A, self.lora_B, self.scale)
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.base.weight += self.delta().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base.weight -= self.delta().to(self.base.weight.dtype)
-            self.merged = False
+        return self.base(x) + (self.dropout(x) @ a.t() @ b.t()) * self.scale
 
 
 def lora_delta(lora_A, lora_B, scale):
@@ -73,26 +54,13 @@ def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def merge_lora(model):
-    for m in lora_layers(model):
-        m.merge()
-
-
-def unmerge_lora(model):
-    for m in lora_layers(model):
-        m.unmerge()
-
-
+@torch.no_grad()
 def strip_lora(model):
-    """Merge the adapters and put the plain nn.Linear back, e.g. to export a standalone LM."""
+    """Merge each adapter into the weight it adapts (in that weight's dtype) and put the plain nn.Linear back: the
+    model without adapters, e.g. to export a standalone LM (training/export.py, models/native.py)."""
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
-            m.merge()
+            m.base.weight += lora_delta(m.lora_A, m.lora_B, m.scale).to(m.base.weight.dtype)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, m.base)
     return model
-
-
-def lora_state_dict(model):
-    """The adapters alone: what a LoRA run adds to its frozen backbones."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}

@@ -85,11 +85,14 @@ def load_weights(model, path):
     return model
 
 
+def autocast(device):
+    """The model's autocast: bf16 on a GPU (where VLM.place stores the frozen weights in bf16), none on the CPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
 @dataclass
 class VLMOutput:
-    loss: torch.Tensor = None      # mean over label tokens
-    loss_sum: torch.Tensor = None  # sum over label tokens (exact gradient accumulation divides it later)
-    n_tokens: int = None
+    loss_sum: torch.Tensor = None  # summed over the label tokens; the loop divides by the whole step's count
     logits: torch.Tensor = None
 
 
@@ -246,9 +249,7 @@ class VLM(nn.Module):
             label_index = label_positions(labels)
         logits = head(hidden.flatten(0, 1)[label_index])        # [n, V]
         targets = labels.flatten()[label_index + 1]              # [n]: the next token of each picked position
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        n = len(label_index)
-        return VLMOutput(loss=loss_sum / max(n, 1), loss_sum=loss_sum, n_tokens=n)
+        return VLMOutput(loss_sum=F.cross_entropy(logits.float(), targets, reduction="sum"))
 
     @torch.no_grad()
     def generate(self, pixel_values, prompt=DEFAULT_PROMPT, max_new_tokens=32, temperature=0.0, top_p=1.0,

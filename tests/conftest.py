@@ -118,7 +118,7 @@ def model_inputs(batch, device=None):
 @pytest.fixture
 def on_optimizer_step():
     """on_optimizer_step(fn, when="before"|"after"): fn(optimizer) runs around every optimizer step until the
-    test ends. The loop's step, seen from outside, without reaching into main.py."""
+    test ends. The loop's step, seen from outside, without reaching into training/loop.py."""
     handles = []
 
     def register(fn, when="before"):

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from conftest import REPO
+from models.config import VLMConfig
+from models.vision import image_pixels
+from models.vlm import VLM
+from training import checkpoint
 
 gr = pytest.importorskip("gradio", reason="the page's dependencies are an extra: uv sync --extra app")
-import app  # noqa: E402
-from training import checkpoint  # noqa: E402
-from models.config import VLMConfig  # noqa: E402
-from models.vision import image_pixels  # noqa: E402
-from models.vlm import VLM  # noqa: E402
+from training import page  # noqa: E402 (it imports gradio)
 
 
 @pytest.fixture(scope="module")
@@ -40,26 +40,26 @@ def red_square(tmp_path):
 def test_bad_files_get_a_message_not_an_error(tmp_path, red_square, monkeypatch):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("hello")
-    with pytest.raises(app.InputError, match="not an image"):
-        app.read_image(not_an_image)
-    monkeypatch.setattr(app, "MAX_PIXELS", 40 * 30 - 1)  # checked from the header, before any decoding
-    with pytest.raises(app.InputError, match="40x30 pixels, over"):
-        app.read_image(red_square)
+    with pytest.raises(page.InputError, match="not an image"):
+        page.read_image(not_an_image)
+    monkeypatch.setattr(page, "MAX_PIXELS", 40 * 30 - 1)  # checked from the header, before any decoding
+    with pytest.raises(page.InputError, match="40x30 pixels, over"):
+        page.read_image(red_square)
     monkeypatch.undo()
-    assert app.read_image(red_square).size == (40, 30)
+    assert page.read_image(red_square).size == (40, 30)
 
 
 def test_an_empty_prompt_gets_a_message():
-    with pytest.raises(app.InputError, match="prompt is empty"):
-        app.check_prompt("  \n")
-    with pytest.raises(app.InputError, match="more than once"):
-        app.check_prompt("<image> <image> what is this?")
+    with pytest.raises(page.InputError, match="prompt is empty"):
+        page.check_prompt("  \n")
+    with pytest.raises(page.InputError, match="more than once"):
+        page.check_prompt("<image> <image> what is this?")
 
 
 def test_the_caption_streams_to_what_generate_writes(tiny_checkpoint, red_square):
     model = checkpoint.load_model(tiny_checkpoint)
-    image = app.read_image(red_square)
-    stream = list(app.caption_stream(model, image, "<image>\nWhat is it?", 0.0, 1.0, 8))
+    image = page.read_image(red_square)
+    stream = list(page.caption_stream(model, image, "<image>\nWhat is it?", 0.0, 1.0, 8))
     assert len(stream) > 1 and all(a == b[:len(a)] for a, b in zip(stream, stream[1:]))  # it grows
     expected = model.generate(image_pixels(model.processor, [image]), "<image>\nWhat is it?", max_new_tokens=8)[0]
     assert stream[-1].strip() == expected
@@ -73,7 +73,7 @@ def test_a_failed_generation_ends_the_stream_with_a_message(tiny_checkpoint, red
     model = checkpoint.load_model(tiny_checkpoint)
     monkeypatch.setattr(model, "generate", too_long)
     with pytest.raises(gr.Error, match="could not caption this: the prompt is longer"):
-        list(app.caption_stream(model, app.read_image(red_square), "<image> hi", 0.0, 1.0, 8))
+        list(page.caption_stream(model, page.read_image(red_square), "<image> hi", 0.0, 1.0, 8))
 
 
 def free_port():
@@ -87,10 +87,10 @@ def served(tiny_checkpoint, tmp_path):
     """(model, a client of the page), served by this process: the test sees what the server prints."""
     from gradio_client import Client
     model = checkpoint.load_model(tiny_checkpoint)
-    page = app.build_page(model, tmp_path / "no_examples")
-    page.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
-    yield model, Client(page.local_url, verbose=False)
-    page.close()
+    blocks = page.build_page(model, tmp_path / "no_examples")
+    blocks.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    yield model, Client(blocks.local_url, verbose=False)
+    blocks.close()
 
 
 @pytest.mark.slow
@@ -178,12 +178,12 @@ def test_a_browser_uploads_an_image_and_reads_the_caption(browser, page_url, tin
 
 def test_the_chat_keeps_the_conversation_and_streams_what_chat_answers(tiny_checkpoint, red_square):
     model = checkpoint.load_model(tiny_checkpoint)
-    image = app.read_image(red_square)
+    image = page.read_image(red_square)
     history = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "a red square ."}]
-    stream = list(app.chat_stream(model, image, "Where is it?", history, 0.0, 1.0, 8))
+    stream = list(page.chat_stream(model, image, "Where is it?", history, 0.0, 1.0, 8))
     last = stream[-1]
     assert last[:2] == history and last[2] == {"role": "user", "content": "Where is it?"}
     expected = model.chat(image_pixels(model.processor, [image]), last[:3], max_new_tokens=8)
     assert last[3]["role"] == "assistant" and last[3]["content"].strip() == expected
     with pytest.raises(gr.Error, match="Write a question"):
-        list(app.chat_stream(model, image, " ", history, 0.0, 1.0, 8))
+        list(page.chat_stream(model, image, " ", history, 0.0, 1.0, 8))

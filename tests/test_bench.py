@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from tools import bench
-import main
+from training import loop
 from training.throughput import flop_counter
 from models.config import VLMConfig
 from models.prompt import IGNORE
@@ -21,7 +21,7 @@ def test_bench_path_on_tiny_backbones(tmp_path, monkeypatch):
                               "--num_workers", "1",
                               "--max_steps", "6", "--log_every", "2", "--phase", "lora"])
     assert cfg.init_from and cfg.phase == "lora"
-    result = main.train(cfg)
+    result = loop.train(cfg)
     summary = bench.summarize(cfg, result, world=1)
     assert summary["image_tokens"] == 4 and summary["step_tokens"] == cfg.batch_tokens and summary["data"] == "data"
     assert 0.3 < summary["fill"] <= 1

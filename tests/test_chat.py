@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import main
+from training import loop
 from data.shapes import draw
 from models.config import VLMConfig
 from models.tiny import build_lm
@@ -93,7 +93,7 @@ def test_a_conversation_over_budget_keeps_whole_turns_and_the_run_counts_it(tiny
     assert budget < min(full)  # every record is cut after its first exchange
     cfg = dataclasses.replace(tiny_cfg, chat_json=instruct["chat_json"], data_dir=instruct["data_dir"], val_size=4,
                               max_steps=2, batch_size=4, max_text_tokens=budget, batch_tokens=4 * (budget + 4))
-    result = main.train(cfg)
+    result = loop.train(cfg)
     assert result["truncated"] == 8 and not result["skipped"]
     out = capsys.readouterr().out
     assert "| truncated 4" in out and "truncated 8 of 8 samples" in out

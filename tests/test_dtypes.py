@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import main
+from training import loop
 from data.shapes import draw
 from models.vision import image_pixels, tower_class, vision_config
 from training import checkpoint
@@ -36,14 +36,14 @@ def test_trainable_weights_are_fp32_and_a_tiny_update_survives(tiny_cfg, bf16_ba
     cfg = dataclasses.replace(tiny_cfg, vision_model=vision, lm_model=lm, max_steps=1, warmup_frac=0.0,
                               projector_lr=LR, lora_lr=LR, lora_projector_lr=LR, full_lr=LR)
     if phase != "projector":
-        projector = main.train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-projector"))
+        projector = loop.train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-projector"))
         cfg = dataclasses.replace(cfg, phase=phase, lora_vision=lora_vision, init_from=str(projector["checkpoint"]))
     before, grads = {}, {}
     on_optimizer_step(lambda opt: before.update({id(p): p.detach().clone() for g in opt.param_groups
                                                  for p in g["params"]}))
     on_optimizer_step(lambda opt: grads.update({id(p): p.grad.clone() for g in opt.param_groups
                                                 for p in g["params"]}))
-    result = main.train(cfg)
+    result = loop.train(cfg)
     model = result["model"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)

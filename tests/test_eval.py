@@ -10,7 +10,7 @@ import pytest
 
 from training import checkpoint
 import eval as evaluation
-import main
+from training import loop
 from data.llava import data_identity, split_indices
 from models.vlm import VLM
 
@@ -20,7 +20,7 @@ METRICS = {"cider", "bleu4", "rouge_l", "exact_match", "vqa_exact_match", "yes_n
 @pytest.mark.slow
 def test_training_and_eval_py_score_the_same_held_out_captions(tiny_cfg, tmp_path):
     cfg = dataclasses.replace(tiny_cfg, max_steps=2, metric_records=6)
-    scores = main.train(cfg)["caption_scores"]
+    scores = loop.train(cfg)["caption_scores"]
     assert set(scores) == METRICS
     logged = [json.loads(line) for line in open(f"{cfg.out_dir}/log.jsonl")]
     assert {f"val_{k}": v for k, v in scores.items()}.items() <= logged[-1].items()  # into log.jsonl (and wandb)

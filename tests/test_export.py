@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.shapes import corpus, draw
-from generate import export
+from training.export import export
 from models.lora import lora_layers
 from models.prompt import encode_prompt
 from models.smollm2 import smollm2_dir

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training import checkpoint
-import main
+from training import loop
 from data.shapes import draw
 from generate import main as generate_main
 from models.vision import image_pixels
@@ -14,18 +14,18 @@ from test_train import check_resume_is_exact
 
 
 def full_cfg(tiny_cfg, **changes):
-    projector = main.train(dataclasses.replace(tiny_cfg, max_steps=1, out_dir=tiny_cfg.out_dir + "-projector"))
+    projector = loop.train(dataclasses.replace(tiny_cfg, max_steps=1, out_dir=tiny_cfg.out_dir + "-projector"))
     return dataclasses.replace(tiny_cfg, phase="full", init_from=str(projector["checkpoint"]), full_lr=1e-3,
                                out_dir=tiny_cfg.out_dir + "-full", **changes)
 
 
 def test_the_full_phase_trains_every_lm_weight_and_no_vision_weight(tiny_cfg):
     cfg = full_cfg(tiny_cfg, max_steps=2)
-    model = main.build_model(cfg, torch.device("cpu"), resuming=False)
+    model = loop.build_model(cfg, torch.device("cpu"), resuming=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = main.build_optimizer(cfg, model)
+    optimizer = loop.build_optimizer(cfg, model)
     assert {g["lr"] for g in optimizer.param_groups} == {1e-3}
-    trained = main.train(cfg)["model"]
+    trained = loop.train(cfg)["model"]
     after = dict(trained.named_parameters())
     lm = [n for n in before if n.startswith("lm.")]
     assert lm and all(after[n].requires_grad and not torch.equal(after[n], before[n]) for n in lm)
@@ -39,7 +39,7 @@ def test_the_full_phase_resumes_exactly(tiny_cfg, on_optimizer_step):
 
 
 def test_a_full_phase_checkpoint_captions_after_reload_and_export(tiny_cfg, tmp_path):
-    result = main.train(full_cfg(tiny_cfg, max_steps=2))
+    result = loop.train(full_cfg(tiny_cfg, max_steps=2))
     model = result["model"].eval()
     pixels = image_pixels(model.processor, [draw("red", "circle", "center"), draw("blue", "square", "top left")])
     captions = model.generate(pixels, max_new_tokens=8)
@@ -53,7 +53,8 @@ def test_the_instruction_demo_answers_held_out_questions(tmp_path, capsys):
     """demo.py --instruct, 2 epochs a phase: held-out pictures asked colour, shape, place, count and yes/no
     questions are mostly answered right (4 epochs, the default: 0.82 exact, VQA-normalised)."""
     import demo
+    from training.demo import run
     cfg = dataclasses.replace(demo.demo_config(), out_dir=str(tmp_path), epochs=2, num_workers=0)
-    scores = demo.run(cfg, instruct=True)["answer_scores"]
+    scores = run(cfg, instruct=True)["answer_scores"]
     assert scores["vqa_exact_match"] > 0.5 and scores["yes_no_n"] > 0
     assert "scores over" in capsys.readouterr().out

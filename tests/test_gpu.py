@@ -12,13 +12,13 @@ from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training import checkpoint
-import main
+from training import loop
 from test_full_phase import full_cfg
 from test_instruct_data import instruct  # noqa: F401 (a fixture)
 from test_robustness import on_projector_forward, spy_optimizer_steps
 from test_train import check_resume_is_exact
 from models.lora import lora_layers
-from models.prompt import DEFAULT_PROMPT, encode_prompt
+from models.prompt import DEFAULT_PROMPT, encode_prompt, label_positions
 from models.vlm import VLM
 from training import speed
 from tools.bench_generate import transformers_generate
@@ -32,9 +32,10 @@ def cuda_cfg(tiny_cfg):
 
 
 def loss_of(model, batch, dtype=None):
+    """The mean loss per label token."""
     batch = {k: v.cuda() for k, v in batch.items()}
     with torch.autocast("cuda", dtype) if dtype else torch.autocast("cuda", enabled=False):
-        return model(**batch).loss.float()
+        return (model(**batch).loss_sum / len(label_positions(batch["labels"]))).float()
 
 
 def assert_losses_close(got, expected):
@@ -71,7 +72,7 @@ def test_compiled_training_evaluates_between_steps_like_eager(cuda_cfg):
     lengths that vary from batch to batch; with 2 micro-batches a step, as on a smaller GPU (each replay reuses
     the memory of the one before, gradients included). Losses as eager training's, within bf16's noise."""
     def run(compile, out):
-        return main.train(dataclasses.replace(cuda_cfg, compile=compile, max_steps=6, eval_every=2, batch_size=4,
+        return loop.train(dataclasses.replace(cuda_cfg, compile=compile, max_steps=6, eval_every=2, batch_size=4,
                                               grad_accum=2, out_dir=str(out)))
     compiled, eager = run(True, cuda_cfg.out_dir + "_compiled"), run(False, cuda_cfg.out_dir + "_eager")
     assert_losses_close(compiled["losses"], eager["losses"])
@@ -91,7 +92,7 @@ def test_training_steps_never_make_the_host_wait_for_the_gpu(cuda_cfg, on_optimi
         torch.cuda.set_sync_debug_mode("error" if 3 <= len(steps) < 6 else "default")
     on_optimizer_step(watch, when="after")
     try:
-        result = main.train(dataclasses.replace(cuda_cfg, compile=compile, max_steps=6, log_every=10**9,
+        result = loop.train(dataclasses.replace(cuda_cfg, compile=compile, max_steps=6, log_every=10**9,
                                                 batch_size=4))
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -101,7 +102,7 @@ def test_training_steps_never_make_the_host_wait_for_the_gpu(cuda_cfg, on_optimi
 def test_fused_adamw_skips_a_non_finite_step_on_cuda(cuda_cfg, monkeypatch, on_optimizer_step):
     on_projector_forward(monkeypatch, lambda call, out: out * float("nan") if call == 2 else out)
     steps = spy_optimizer_steps(on_optimizer_step)
-    result = main.train(dataclasses.replace(cuda_cfg, max_steps=3))
+    result = loop.train(dataclasses.replace(cuda_cfg, max_steps=3))
     assert steps == [(True, True), (False, False), (True, True)] and result["step"] == 3
 
 
@@ -159,7 +160,7 @@ def test_a_checkpoint_loads_on_cuda_as_it_trained(cuda_cfg):
     """generate.py's path: a checkpoint placed on the GPU stores its frozen weights in bf16 as training did (not
     fp32 for autocast to cast at every decoded token), keeps its trained weights in fp32, and captions as the
     model that trained."""
-    result = main.train(dataclasses.replace(cuda_cfg, max_steps=2))
+    result = loop.train(dataclasses.replace(cuda_cfg, max_steps=2))
     loaded = checkpoint.load_model(result["checkpoint"]).place("cuda")
     assert {(p.requires_grad, p.dtype) for p in loaded.parameters()} == {(False, torch.bfloat16), (True, torch.float32)}
     size = loaded.processor.size["height"]
@@ -220,7 +221,7 @@ def test_unusable_and_text_only_records_add_no_compiled_graph(cuda_cfg, instruct
     def graphs(**changes):
         torch._dynamo.reset()
         counters.clear()
-        main.train(dataclasses.replace(cuda_cfg, compile=True, max_steps=6, max_bad_fraction=0.5, **changes))
+        loop.train(dataclasses.replace(cuda_cfg, compile=True, max_steps=6, max_bad_fraction=0.5, **changes))
         return counters["stats"]["unique_graphs"]
     clean = graphs(out_dir=str(tmp_path / "clean"))
     dirty = graphs(out_dir=str(tmp_path / "dirty"), chat_json=str(tmp_path / "dirty.json"),
@@ -261,7 +262,7 @@ def test_the_compiled_full_phase_trains_like_eager_and_compiles_once(cuda_cfg, o
         counters.clear()
         if graphs is not None:  # graphs compiled by the end of each step
             on_optimizer_step(lambda optimizer: graphs.append(counters["stats"]["unique_graphs"]), when="after")
-        return main.train(cfg)["losses"]
+        return loop.train(cfg)["losses"]
     graphs = []
     eager, compiled = run(False), run(True, graphs)
     assert graphs[0] > 0 and graphs == graphs[:1] * 6, graphs
@@ -291,8 +292,8 @@ def test_an_lm_saved_in_bf16_trains_as_the_same_lm_in_fp32(cuda_cfg, lm_in_fp32_
     grid, as these do, change the forward later than arbitrary fp32 ones would.)"""
     def run(lm, name):
         cfg = dataclasses.replace(cuda_cfg, lm_model=lm, batch_size=4, out_dir=f"{cuda_cfg.out_dir}_{name}")
-        projector = main.train(dataclasses.replace(cfg, max_steps=2, out_dir=cfg.out_dir + "_projector"))
-        return main.train(dataclasses.replace(cfg, phase=phase, init_from=str(projector["checkpoint"]), max_steps=4,
+        projector = loop.train(dataclasses.replace(cfg, max_steps=2, out_dir=cfg.out_dir + "_projector"))
+        return loop.train(dataclasses.replace(cfg, phase=phase, init_from=str(projector["checkpoint"]), max_steps=4,
                                               full_lr=2e-5, warmup_frac=0.0))
     fp32_lm, bf16_lm = lm_in_fp32_and_bf16
     fp32, bf16 = run(fp32_lm, "fp32"), run(bf16_lm, "bf16")

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-import main
+from training import loop
 from conftest import tiny_config
 from training import checkpoint
 
@@ -20,10 +20,10 @@ def sources(tiny_assets, tmp_path_factory):
     """A checkpoint of each phase, trained 2 steps at rates that move every weight: {phase: path}."""
     cfg = dataclasses.replace(tiny_config(tiny_assets, tmp_path_factory.mktemp("sources")), max_steps=2,
                               val_size=0, warmup_frac=0.0, lora_lr=1e-2, full_lr=1e-3)
-    projector = main.train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-projector"))["checkpoint"]
+    projector = loop.train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-projector"))["checkpoint"]
     later = {phase: dataclasses.replace(cfg, phase=phase, init_from=str(projector), lora_vision=phase == "lora",
                                         out_dir=f"{cfg.out_dir}-{phase}") for phase in ("lora", "full")}
-    return {"projector": projector, **{phase: main.train(c)["checkpoint"] for phase, c in later.items()}}
+    return {"projector": projector, **{phase: loop.train(c)["checkpoint"] for phase, c in later.items()}}
 
 
 def logits(model, batch):
@@ -44,7 +44,7 @@ def test_a_new_phase_starts_as_the_source_model(tiny_cfg, tiny_batch, sources, c
     reference = checkpoint.load_model(sources[source])
     batch = tiny_batch(reference)
     cfg = dataclasses.replace(tiny_cfg, phase=target, init_from=str(sources[source]))
-    model = main.build_model(cfg, torch.device("cpu"), resuming=False)
+    model = loop.build_model(cfg, torch.device("cpu"), resuming=False)
     expected = logits(reference, batch)
     # merged adapters sum in another order: fp32's rounding, relative to the logits' scale
     torch.testing.assert_close(logits(model, batch), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
@@ -53,7 +53,7 @@ def test_a_new_phase_starts_as_the_source_model(tiny_cfg, tiny_batch, sources, c
 
 def test_lora_adapters_stay_adapters_where_the_new_phase_has_the_same(tiny_cfg, sources, capsys):
     cfg = dataclasses.replace(tiny_cfg, phase="lora", lora_vision=True, init_from=str(sources["lora"]))
-    model = main.build_model(cfg, torch.device("cpu"), resuming=False)
+    model = loop.build_model(cfg, torch.device("cpu"), resuming=False)
     assert capsys.readouterr().out.endswith(": projector, LM adapters, vision adapters\n")
     saved = checkpoint.load_model(sources["lora"]).trainable_state_dict()
     assert all(torch.equal(model.trainable_state_dict()[n], t) for n, t in saved.items()) and not model.carried
@@ -64,7 +64,7 @@ def test_a_run_keeps_what_it_took_in_its_checkpoints(tiny_cfg, tiny_batch, sourc
     """The frozen weights it took (a full LM under adapters, merged adapters) are saved with what it trains, so its
     checkpoint reloads (and resumes) as the model that trained."""
     cfg = dataclasses.replace(tiny_cfg, phase=target, init_from=str(sources[source]), max_steps=1, val_size=0)
-    result = main.train(cfg)
+    result = loop.train(cfg)
     batch = tiny_batch(result["model"])
     reloaded = checkpoint.load_model(result["checkpoint"])
     assert reloaded.carried == result["model"].carried != set()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import main
+from training import loop
 from conftest import REPO, cli_args, model_inputs, packer
 from data.llava import ImageStore, LlavaDataset, load_records
 from data.packing import image_slots
@@ -117,7 +118,7 @@ def projector_checkpoint(tiny_assets, tmp_path_factory):
                     device="cpu", out_dir=str(tmp_path_factory.mktemp("projector")), projector_hidden_dim=64,
                     batch_size=8, batch_tokens=8 * 132, num_workers=0, val_size=8, max_steps=1, resume=False,
                     eval_captions=0)
-    return main.train(cfg)["checkpoint"]
+    return loop.train(cfg)["checkpoint"]
 
 
 def instruct_flags(instruct, checkpoint, out_dir):

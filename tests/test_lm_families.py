@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import main
+from training import loop
 from training.checkpoint import load_model
 from data.shapes import corpus, draw
 from generate import main as generate_main
@@ -117,7 +117,7 @@ def test_both_phases_train_reload_caption_and_export(lms, tiny_assets, tmp_path,
     lora = dataclasses.replace(projector, phase="lora", init_from=projector.out_dir, out_dir=str(tmp_path / "lora"),
                                lora_lr=3e-3)
     for cfg in (projector, lora):
-        out = main.train(cfg)
+        out = loop.train(cfg)
         assert len(out["losses"]) == 2 and all(torch.isfinite(torch.tensor([l for _, l in out["losses"]])))
     images = [draw("red", "circle", "center"), draw("blue", "square", "top left")]
     trained = out["model"].eval()

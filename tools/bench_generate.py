@@ -29,9 +29,10 @@ import eval as evaluation
 from models.config import VLMConfig, parse_overrides
 from models.decode import left_pad
 from models.prompt import DEFAULT_PROMPT, encode_prompt
-from models.vlm import VLM
+from models.vlm import VLM, autocast
 from tools.bench import pop_flag, prepare
 from training import checkpoint
+from training.distributed import pick_device
 
 RECORDS = {"tiny": 400, "base": 20_000}  # the bench's data set sizes (tools/bench.py)
 
@@ -41,8 +42,7 @@ def transformers_generate(model, prompts, pixel_values, max_new_tokens, stop_ids
     embeddings: the new tokens [B, n]. The oracle of tests/test_decode.py."""
     ids, mask = (t.to(pixel_values.device) for t in left_pad(prompts, model.tokenizer.pad_token_id))
     model.lm.set_attn_implementation("sdpa")
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=ids.is_cuda)
-    with torch.no_grad(), autocast, torch.compiler.set_stance("force_eager"):
+    with torch.no_grad(), autocast(ids.device), torch.compiler.set_stance("force_eager"):
         return model.lm.generate(inputs_embeds=model.embed(ids, pixel_values), attention_mask=mask, do_sample=False,
                                  max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                  pad_token_id=model.tokenizer.pad_token_id)
@@ -122,7 +122,7 @@ def main(argv):
     argv, profile = pop_flag(argv, "--profile", "false")
     root = Path("checkpoints/bench") / size
     data_dir, vision, random_lm = prepare(root, size, RECORDS.get(size, 2_000))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     torch.manual_seed(0)
     cfg = parse_overrides(argv, VLMConfig(vision_model=vision, lm_model=lm or random_lm, device=device.type))
     model = VLM.from_config(cfg)

@@ -121,7 +121,11 @@ class OutDir:
 
 
 def new_run_id():
-    return uuid.uuid4().hex[:16]
+    """A fresh run id: rank 0's, on every rank."""
+    ids = [uuid.uuid4().hex[:16]]
+    if dist.is_initialized():
+        dist.broadcast_object_list(ids, src=0)
+    return ids[0]
 
 
 def run_info(path):

@@ -1,4 +1,5 @@
-"""The few collective operations the loop needs; with one process (no torchrun) each is a no-op."""
+"""Which device a command runs on, and the few collective operations the loop needs; with one process (no torchrun)
+each is a no-op."""
 import os
 from collections import Counter
 from datetime import timedelta
@@ -13,16 +14,21 @@ def setup_distributed(cfg):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python main.py` is rank 0 of 1. Returns (rank, world,
     device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config field 'device' = 'cuda', but torch sees no CUDA GPU here (no driver, or a CPU "
-                          "build of torch); use --device cpu, or auto")
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=10))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
     return rank, world, device
+
+
+def pick_device(name, gpu=0):
+    """The device a --device flag names: cuda (GPU number `gpu`), cpu, or auto: the GPU where torch sees one."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config field 'device' = 'cuda', but torch sees no CUDA GPU here (no driver, or a CPU "
+                          "build of torch); use --device cpu, or auto")
+    cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    return torch.device("cuda", gpu) if cuda else torch.device("cpu")
 
 
 def all_reduce(t, op=dist.ReduceOp.SUM):

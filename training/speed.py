@@ -1,26 +1,24 @@
 """What makes the loop fast, in one place. Reading the loop, you can skip this file: each piece changes the
-speed, never the numbers (tests/test_gpu.py compares compiled training with eager). Figures: one H100/H200,
-SigLIP-B/16 + SmolLM2-135M, projector phase (docs/speed.md has the history and the levers tried and dropped).
+speed, never the numbers (the GPU tests compare compiled training with eager). The figures, their history and the
+levers tried and dropped are in docs/speed.md.
 
 - **Compile per block** (compile_blocks; off: `--compile false`). The vision tower, the projector and each LM layer
-  are compiled apart: the LM's 30 layers share one graph, so a cold start compiles a few small graphs (45-75 s;
-  with the LM as one graph it took 92-105 s on an H100 and ran 1.05x faster at best). Eager is bound by the host
-  (about 1,378 samples/s on an H200) where compiled runs 3,500.
+  are compiled apart: the LM's layers share one graph, so a cold start compiles a few small graphs (the LM as one
+  graph started far slower and ran hardly faster). Eager is bound by the host: it queues kernels one by one.
 - **CUDA graphs** (mode "reduce-overhead"; off: `--cuda_graphs false`, and always off under DDP). Each compiled
-  block replays as one launch instead of dozens of kernels, which is what bounds a model this small; the tower as
-  one graph let the host queue a step in 25 instead of 33 ms (3,064 vs 2,997 samples/s, one H100).
+  block replays as one launch instead of dozens of kernels, which is what bounds a model this small.
 - **Fixed gradient buffers** (prepare). A CUDA-graphed backward writes its outputs to memory the next replay
   reuses: each trainable weight keeps one gradient buffer for the run, zeroed after each step, never freed.
 - **One compiled graph per block whatever the records.** Packing (data/packing.py) gives the LM one static shape;
   the tower and projector meet a few image counts, so their batch dimension is compiled dynamic
   (VLM.encode_images marks it): a new count records a CUDA graph in milliseconds, where a static compile stopped
-  one step for 11.5 s mid-run (an H200). The LM layers stay static: torch's recompile limit is never met.
+  the run for seconds. The LM layers stay static: torch's recompile limit is never met.
 - **Attention without a mask** (models/attention.py): FlashAttention's variable-length kernel keeps each packed
   sample to itself with no [N, N] mask in memory, and its registered name keeps transformers from reading the GPU
   to look for packed sequences (a host wait every forward).
 - **A frozen heap** (FrozenHeap). Python's full garbage collections scan every live object; after the first step
-  those are chiefly compile's millions, alive for good, and each scan stalled a step for 0.5-0.7 s (an H100's host).
-- **Evaluation and generation run eager** (`torch.compiler.set_stance("force_eager")` on main.evaluate and
+  those are chiefly compile's millions, alive for good, and each scan stalled a step.
+- **Evaluation and generation run eager** (`torch.compiler.set_stance("force_eager")` on training.loop.val_loss and
   VLM.generate_from_ids): compiled blocks would compile and record a second set of CUDA graphs for every length.
 """
 import gc
@@ -33,8 +31,7 @@ def compile_blocks(model, cuda_graphs=True):
     the model whether they replay as CUDA graphs."""
     if model.cfg.gradient_checkpointing and model.cfg.phase == "projector":
         # the frozen LM's layers recompute in the backward: CUDA graph trees fail to record that ("an input tensor
-        # deallocate during graph recording", torch 2.11); plain compile gives eager's gradients (H200, one step
-        # at batch 128: 6.6 GiB instead of 11.9, 97 instead of 56 ms)
+        # deallocate during graph recording", torch 2.11); plain compile gives eager's gradients (docs/backbones.md)
         cuda_graphs = False
     mode = "reduce-overhead" if cuda_graphs else "default"
     for block in [model.vision, model.projector]:
@@ -56,14 +53,18 @@ def prepare(model, cfg, device, world):
 
 
 class FrozenHeap:
-    """freeze() hides what is alive from later collections (what later steps make is still collected); on exit it
-    is all collectable again, for a next run in this process (the sweep, the notebook)."""
+    """The loop calls freeze() after every step: the first call hides what is alive from later collections (what
+    later steps make is still collected), the others do nothing. On exit it is all collectable again, for a next run
+    in this process (the sweep, the notebook)."""
 
     def __enter__(self):
+        self.frozen = False
         return self
 
     def __exit__(self, *exc):
         gc.unfreeze()
 
     def freeze(self):
-        gc.freeze()
+        if not self.frozen:
+            gc.freeze()
+            self.frozen = True
