@@ -1,8 +1,8 @@
 """Decoding: the LM writes each row's reply token by token, every row as if it were alone.
 
-A batch of 256 captions from a 135M LM is bound by launches, not by the GPU: one token's step is ~1,000 small
-kernels that the host must launch, and a host that waits on the GPU (to ask whether every row has stopped) adds a
-round trip per token. So:
+A batch of 256 captions from a 135M LM does little work per token but in ~1,500 small kernels, which the host
+would launch one by one, and a host that waits on the GPU (to ask whether every row has stopped) adds a round trip
+per token. So:
 
     static KV cache   transformers' StaticCache: one tensor per layer, allocated once, written in place
     one-token step    reads and writes only fixed buffers (the token, its position, which cache slots it may see),

@@ -1,6 +1,5 @@
 """The joined model: vision tower(s) (frozen) -> projector -> causal LM (frozen in phase 1; LoRA, or every weight in
 the full phase, in phase 2)."""
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,9 +84,11 @@ def load_weights(model, path):
     return model
 
 
-def autocast(device):
-    """The model's autocast: bf16 on a GPU (where VLM.place stores the frozen weights in bf16), none on the CPU."""
-    return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda")
+def autocast(device, cache_enabled=True):
+    """The model's autocast: bf16 on a GPU (where VLM.place stores the frozen weights in bf16), none on the CPU.
+    cache_enabled=False: no cache of cast weights (generation's recorded decode step must cast them itself)."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda",
+                          cache_enabled=cache_enabled)
 
 
 @dataclass
@@ -287,16 +288,15 @@ class VLM(nn.Module):
         decodes (models/decode.py); each row stops at its own end-of-turn token. A transformers streamer (one row
         only) receives the tokens as they come, e.g. TextIteratorStreamer for app.py."""
         ids, mask = (t.to(pixel_values.device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
-        # No cache of cast weights: it would hand the recorded decode step (models/decode.py) the bf16 copies made
-        # while recording (of trained weights: the adapters', a full phase's LM), freed when the context ends
-        autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if ids.is_cuda else contextlib.nullcontext()
         was_training = self.training
         self.eval()
         # the decoding attention reads the static cache and its mask (models/decode.py; packed attention, training's,
         # reads neither); eager: compiled layers (training's) would compile again for every new length
         self.lm.set_attn_implementation(DECODE_ATTENTION)
         try:
-            with autocast, torch.compiler.set_stance("force_eager"):
+            # No cache of cast weights: it would hand the recorded decode step (models/decode.py) the bf16 copies made
+            # while recording (of trained weights: the adapters', a full phase's LM), freed when the context ends
+            with autocast(ids.device, cache_enabled=False), torch.compiler.set_stance("force_eager"):
                 return decode(self.decoder_for(*ids.shape, max_new_tokens, ids.device), self.embed(ids, pixel_values),
                               mask, max_new_tokens, [self.end_of_turn_id, self.tokenizer.eos_token_id],  # the reply's
                               self.tokenizer.pad_token_id, temperature, top_p, streamer)  # end, or the text's
