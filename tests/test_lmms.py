@@ -14,7 +14,8 @@ from conftest import tiny_config
 from models.prompt import IGNORE
 from models.vision import image_pixels
 from models.vlm import VLM
-from tools import lmms
+from tools import lmms, lmms_task
+from data.llava import ImageStore, decode_image
 from training import checkpoint
 
 pytest.importorskip("lmms_eval")
@@ -145,3 +146,22 @@ def test_unknown_task_names_the_closest(tiny_model, tiny_tasks, tmp_path):
     checkpoint.save_model(tiny_model, path)
     with pytest.raises(SystemExit, match="tiny_yesno"):
         lmms.main(["--checkpoint", str(path), "--include_path", str(tiny_tasks), "--tasks", "tiny_yesn"])
+
+
+def test_a_task_of_your_own_data_scores_each_record_as_its_caption(tiny_assets, tiny_model, tmp_path):
+    """tools/lmms_task.py: 5 records of a LLaVA-format folder become an lmms-eval task; tools/lmms.py answers each
+    with the record's own question and image, and scores against its reply. The folder is never overwritten."""
+    name, n = lmms_task.write_task(tiny_assets.data_dir, tmp_path / "shapes", limit=5, max_new_tokens=8)
+    assert (name, n) == ("shapes", 5)
+    with pytest.raises(FileExistsError):
+        lmms_task.write_task(tiny_assets.data_dir, tmp_path / "shapes")
+    path = tmp_path / "ckpt"
+    checkpoint.save_model(tiny_model, path)
+    lmms.main(["--checkpoint", str(path), "--include_path", str(tmp_path / "shapes"), "--tasks", "shapes",
+               "--device", "cpu", "--batch_size", "2"])
+    samples = json.loads((path / "lmms_eval" / "shapes.json").read_text())["samples"]["shapes"]
+    question, answer, image = lmms_task.items(tiny_assets.data_dir, 5)[0]
+    first = samples[0]
+    assert len(samples) == 5 and first["target"] == answer and "<image>" not in question
+    pixels = image_pixels(tiny_model.processor, [decode_image(ImageStore(tiny_assets.data_dir).read(image))])
+    assert first["filtered_resps"][0] == tiny_model.generate(pixels, question, max_new_tokens=8)[0]

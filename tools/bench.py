@@ -194,13 +194,20 @@ def seconds_since_process_start():
 
 class StepClock:
     """GPU time of every optimizer step, from CUDA events recorded after each (the loop never waits for them),
-    the seconds from process start to the first step done (one wait, at that step), and the garbage collector's
-    full collections by step: a slow step with one in it is the collector's."""
+    the seconds from process start to the first step done (one wait, at that step), and by step what else the host
+    did that can stall one: the garbage collector's full collections, and torch.compile's work (graphs compiled,
+    CUDA graphs recorded, through torch._dynamo's compilation callbacks)."""
 
     def __init__(self):
-        self.events, self.start_s, self.full_gc_ms, self.gc_t0 = [], None, {}, 0.0
+        self.events, self.start_s, self.full_gc_ms, self.gc_t0, self.compile_work = [], None, {}, 0.0, {}
         self.hook = register_optimizer_step_post_hook(self.tick)
         gc.callbacks.append(self.on_gc)
+        torch._dynamo.callback_handler.register_start_callback(self.on_compile)
+
+    def on_compile(self, args):
+        work = self.compile_work.setdefault(len(self.events) + 1, {})  # in the step after the len(events) done
+        kind = args.callback_trigger.name.lower()  # dynamo (a graph compiled), cudagraph_recording, lazy_backward
+        work[kind] = work.get(kind, 0) + 1
 
     def on_gc(self, phase, info):
         if info["generation"] == 2 and phase == "start":
@@ -228,7 +235,11 @@ class StepClock:
         slow = {step: round(m) for step, m in ms.items() if m > 2 * median}
         return {"start_s": self.start_s, "step_ms_median": median, "step_ms_max": max(ms.values()),
                 "steps_over_2x_median": len(slow), "slow_steps_ms": slow, "steps_timed": len(ms),
-                "full_gc_ms": self.full_gc_ms}
+                "full_gc_ms": self.full_gc_ms,
+                "compile_work_after_warmup": {s: w for s, w in self.compile_work.items() if s > warmup + 1},
+                "slow_step_causes": {s: {**self.compile_work.get(s, {}), **({"full_gc_ms": self.full_gc_ms[s]}
+                                                                          if s in self.full_gc_ms else {})}
+                                     for s in slow}}
 
 
 class StepProfiler:

@@ -65,20 +65,28 @@ def ban_stops(model):
     return model.lm.get_output_embeddings().register_forward_hook(lambda m, a, out: out.index_fill(-1, stops, -1e4))
 
 
+def prompts_of(model, batch):
+    return [encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * batch
+
+
 def generation_speed(model, batch, new_tokens, device):
     pixels = torch.randint(0, 256, (batch, *model.vision.pixel_shape), dtype=torch.uint8, device=device)
     cold, _ = timed(lambda: model.generate(pixels, max_new_tokens=new_tokens), device)
     warm = [timed(lambda: model.generate(pixels, max_new_tokens=new_tokens), device)[0] for _ in range(5)]
+    ids = left_pad(prompts_of(model, batch), model.tokenizer.pad_token_id)[0].to(device)
+    with torch.no_grad(), autocast(device):
+        embed = statistics.median(timed(lambda: model.embed(ids, pixels), device)[0] for _ in range(3))
     model.generate(pixels, max_new_tokens=1)  # its own decoder: recorded before timing
     prefill = statistics.median(timed(lambda: model.generate(pixels, max_new_tokens=1), device)[0] for _ in range(3))
     ours = model.generate(pixels, max_new_tokens=new_tokens)
-    prompts = [encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * batch
+    prompts = prompts_of(model, batch)
     theirs = partial(transformers_generate, model, prompts, pixels, new_tokens, [model.end_of_turn_id])
     theirs()  # warm-up
     hf_s, tokens = min((timed(theirs, device) for _ in range(3)), key=lambda r: r[0])
     hf = [t.strip() for t in model.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
     return {"batch": batch, "new_tokens": new_tokens, "cold_s": round(cold, 3),
             "captions_per_s": round(batch / statistics.median(warm), 1), "prefill_ms": round(prefill * 1000, 2),
+            "embed_ms": round(embed * 1000, 2),
             "token_ms": round((statistics.median(warm) - prefill) * 1000 / (new_tokens - 1), 3),
             "transformers_captions_per_s": round(batch / hf_s, 1),
             "identical": sum(a == b for a, b in zip(ours, hf)) / batch}
@@ -120,6 +128,7 @@ def main(argv):
     argv, new_tokens = pop_flag(argv, "--new_tokens", "32")
     argv, eval_records = pop_flag(argv, "--eval_records", "5000")
     argv, profile = pop_flag(argv, "--profile", "false")
+    argv, compile_decode = pop_flag(argv, "--compile_decode", "false")
     root = Path("checkpoints/bench") / size
     data_dir, vision, random_lm = prepare(root, size, RECORDS.get(size, 2_000))
     device = pick_device("auto")
@@ -128,6 +137,7 @@ def main(argv):
     model = VLM.from_config(cfg)
     torch.nn.init.normal_(model.projector.down.weight, std=0.02)  # a random projector: captions depend on the image
     model.place(device)
+    model.compile_decode = compile_decode == "true"
     ban = ban_stops(model)
     result = generation_speed(model, int(batch), int(new_tokens), device)
     if profile == "true" and device.type == "cuda":
@@ -137,6 +147,7 @@ def main(argv):
         result.update(eval_speed(model, data_dir, int(eval_records), int(batch), root))
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print("GENERATE " + json.dumps({"device": gpu, "lm": lm or f"random {size}", "phase": cfg.phase,
+                                    "compile_decode": model.compile_decode,
                                     "image_tokens": model.n_image_tokens, **result, "torch": torch.__version__,
                                     "transformers": __import__("transformers").__version__}))
 
