@@ -161,6 +161,7 @@ class Decoder:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.compiler.set_stance("default"), torch.cuda.stream(side):
+            self.forward_token()  # the cache's first write allocates it (StaticCache): not inside the compiled step
             forward()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()

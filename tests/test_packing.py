@@ -17,6 +17,7 @@ from models.prompt import IGNORE, encode
 from models.tiny import build_lm
 from models.vision import image_pixels
 from models.vlm import VLM
+from training import speed
 from test_instruct_data import instruct  # noqa: F401 (a fixture)
 
 CONVERSATIONS = {
@@ -143,6 +144,18 @@ def test_a_micro_batch_that_does_not_fit_is_refused(model):
 def test_image_slots_are_few_shapes():
     assert [image_slots(n, 256) for n in (0, 1, 16, 17, 150, 256)] == [16, 16, 16, 32, 160, 256]
     assert [image_slots(n, 4) for n in (0, 3, 4)] == [4, 4, 4]
+
+
+def test_the_frozen_tower_meets_every_image_count_before_training(tiny_cfg):
+    """training.speed.warm_image_counts runs the tower once on each count image_slots can give (compiled runs call
+    it before the first step), without gradients; a tower that trains is left alone."""
+    def counts_seen(cfg):
+        model, seen = VLM.from_config(cfg), []
+        model.vision.register_forward_hook(lambda m, args, out: seen.append((len(args[0]), torch.is_grad_enabled())))
+        speed.warm_image_counts(model, 40, torch.device("cpu"))
+        return seen
+    assert counts_seen(tiny_cfg) == [(16, False), (32, False), (40, False)]
+    assert counts_seen(dataclasses.replace(tiny_cfg, lora_vision=True)) == []
 
 
 def test_planned_micro_batches_keep_both_budgets_and_the_order():
