@@ -99,8 +99,8 @@ class Decoder:
     """Decoding state for one batch shape (rows, cache slots), at fixed addresses so that a CUDA graph can replay the
     one-token step. Made once per shape (VLM.decoder) and reused batch after batch."""
 
-    def __init__(self, lm, rows, slots, device, record_graph, compile_step=False):
-        self.lm, self.compile_step = lm, compile_step
+    def __init__(self, lm, rows, slots, device, record_graph):
+        self.lm = lm
         self.window = sliding_window(lm.config)
         self.cache = DecodeCache(config=full_attention(lm.config), max_cache_len=slots)
         self.slot = torch.arange(slots, device=device)                            # [S]
@@ -154,19 +154,15 @@ class Decoder:
 
     def record(self):
         """Record forward_token as a CUDA graph. Warmed up first on a side stream (as torch.cuda.graph asks); the
-        warm-up's writes land in a cache that prefill resets. With compile_step, Inductor first fuses the step's
-        ~1,500 small kernels into fewer (compiled during the warm-up, for this shape only), and the graph records
-        those."""
-        forward = torch.compile(self.forward_token, dynamic=False) if self.compile_step else self.forward_token
+        warm-up's writes land in a cache that prefill resets."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.compiler.set_stance("default"), torch.cuda.stream(side):
-            self.forward_token()  # the cache's first write allocates it (StaticCache): not inside the compiled step
-            forward()
+        with torch.cuda.stream(side):
+            self.forward_token()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.compiler.set_stance("default"), torch.cuda.graph(self.graph):
-            self.logits = forward()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.forward_token()
 
 
 def decode(decoder, embeds, mask, max_new_tokens, stop_ids, pad_id, temperature=0.0, top_p=1.0, streamer=None):

@@ -113,7 +113,6 @@ class VLM(nn.Module):
         self.carried = set()  # names of frozen weights a checkpoint set (training.checkpoint.init_weights): saved too
         self.cuda_graphs = False  # training/speed.compile_blocks sets it when its blocks replay as CUDA graphs
         self.decoder, self.decoder_shape = None, None  # generation's state, kept between batches (decoder_for)
-        self.compile_decode = False  # the decode step compiled by Inductor before it is recorded (models/decode.py)
         self.projector = build_projector(cfg, vision.hidden_size, lm.config.hidden_size)
         self.vision.requires_grad_(False)
         self.lm.requires_grad_(cfg.phase == "full")  # the full phase trains every LM weight
@@ -310,11 +309,10 @@ class VLM(nn.Module):
         batch of that shape: on the GPU its step is a recorded CUDA graph, which reads the LM's weights where they
         were when it was recorded, so weights moved or cast since (place) make a new one."""
         slots = -(-(prompt_len + max_new_tokens) // SLOT_MULTIPLE) * SLOT_MULTIPLE
-        shape = (rows, slots, device, self.compile_decode, [p.data_ptr() for p in self.lm.parameters()])
+        shape = (rows, slots, device, [p.data_ptr() for p in self.lm.parameters()])
         if self.decoder is None or self.decoder_shape != shape:
             self.decoder = None  # the old cache and graph go first
-            self.decoder = Decoder(self.lm, rows, slots, device, record_graph=device.type == "cuda",
-                                   compile_step=self.compile_decode)
+            self.decoder = Decoder(self.lm, rows, slots, device, record_graph=device.type == "cuda")
             self.decoder_shape = shape
         return self.decoder
 

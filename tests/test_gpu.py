@@ -119,14 +119,13 @@ def test_a_batch_is_captioned_like_each_image_alone_on_cuda(cuda_cfg):
     assert model.generate(pixels) == alone
 
 
-@pytest.mark.parametrize("phase,compiled", [("projector", False), ("lora", False), ("full", False), ("lora", True)])
-def test_the_decode_step_replayed_as_a_cuda_graph_decodes_as_it_does_eagerly(cuda_cfg, phase, compiled):
+@pytest.mark.parametrize("phase", ["projector", "lora", "full"])
+def test_the_decode_step_replayed_as_a_cuda_graph_decodes_as_it_does_eagerly(cuda_cfg, phase):
     """The one-token step recorded once and replayed (models/decode.py) gives the captions of the same step run
     eagerly, token for token, also after the trained LM weights (fp32, cast by autocast inside the step) change in
     place as an optimizer step changes them; and mostly those of transformers' generate (bf16: rounding may tip a
-    near tie). Compiled by Inductor first, its fused kernels round in another order: nearly every row alike."""
+    near tie)."""
     model = VLM.from_config(dataclasses.replace(cuda_cfg, phase=phase)).place("cuda")
-    model.compile_decode = compiled
     torch.nn.init.normal_(model.projector.down.weight, std=0.5)
     for layer in lora_layers(model):
         torch.nn.init.normal_(layer.lora_B, std=0.1)
@@ -140,17 +139,15 @@ def test_the_decode_step_replayed_as_a_cuda_graph_decodes_as_it_does_eagerly(cud
         eager = model.generate_tokens(prompts, pixels, max_new_tokens=24)
         model.decoder.graph = graph
         return graphed.tolist(), eager.tolist()
-    def alike(a, b):
-        return a == b if not compiled else sum(x == y for x, y in zip(a, b)) >= 0.9 * len(a)
     graphed, eager = graphed_and_eager()
-    assert model.decoder.graph is not None and alike(graphed, eager)
+    assert model.decoder.graph is not None and graphed == eager
     with torch.no_grad():
         for p in model.lm.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p), alpha=0.1)
     if phase != "projector":
         again, eager = graphed_and_eager()
-        assert alike(again, eager) and not alike(again, graphed)
+        assert again == eager and again != graphed
     theirs = transformers_generate(model, prompts, pixels, 24, [model.end_of_turn_id, model.tokenizer.eos_token_id])
     mine = torch.tensor(eager)
     n = min(theirs.shape[1], mine.shape[1])

@@ -10,9 +10,10 @@ random images, beside transformers' own generate (the eager path it replaced), a
 Every row decodes exactly --new_tokens tokens (end-of-text and end-of-turn are banned). Prints one GENERATE line
 (JSON): `cold_s`, the first batch in a fresh process (the decoder's cache made and its step recorded as a CUDA
 graph); `captions_per_s`, the median of 5 batches after it; `prefill_ms` (vision tower, projector and prompt: a
-batch that decodes one token) and `token_ms` (each further token); `transformers_captions_per_s`, transformers'
-generate on the same batch, and `identical`, the share of captions both decode alike (bf16 on the GPU: equal
-logits up to rounding, so a near tie may go either way; fp32 on the CPU: all). With --eval_records N, eval.py then
+batch that decodes one token), of which `embed_ms` is the vision tower and projector, and `token_ms` (each further
+token); `transformers_captions_per_s`, transformers' generate on the same batch, and `identical`, the share of
+captions both decode alike (bf16 on the GPU: equal logits up to rounding, so a near tie may go either way; fp32 on
+the CPU: all). With --eval_records N, eval.py then
 scores N records of the bench's CC3M-like data with a checkpoint of this model (`eval_captions_per_s`: its whole
 run, loading included). `--size tiny` runs it all on tiny backbones (the CPU test does).
 """
@@ -128,7 +129,6 @@ def main(argv):
     argv, new_tokens = pop_flag(argv, "--new_tokens", "32")
     argv, eval_records = pop_flag(argv, "--eval_records", "5000")
     argv, profile = pop_flag(argv, "--profile", "false")
-    argv, compile_decode = pop_flag(argv, "--compile_decode", "false")
     root = Path("checkpoints/bench") / size
     data_dir, vision, random_lm = prepare(root, size, RECORDS.get(size, 2_000))
     device = pick_device("auto")
@@ -137,7 +137,6 @@ def main(argv):
     model = VLM.from_config(cfg)
     torch.nn.init.normal_(model.projector.down.weight, std=0.02)  # a random projector: captions depend on the image
     model.place(device)
-    model.compile_decode = compile_decode == "true"
     ban = ban_stops(model)
     result = generation_speed(model, int(batch), int(new_tokens), device)
     if profile == "true" and device.type == "cuda":
@@ -147,7 +146,6 @@ def main(argv):
         result.update(eval_speed(model, data_dir, int(eval_records), int(batch), root))
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print("GENERATE " + json.dumps({"device": gpu, "lm": lm or f"random {size}", "phase": cfg.phase,
-                                    "compile_decode": model.compile_decode,
                                     "image_tokens": model.n_image_tokens, **result, "torch": torch.__version__,
                                     "transformers": __import__("transformers").__version__}))
 
