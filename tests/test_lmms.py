@@ -21,10 +21,6 @@ from training import checkpoint
 pytest.importorskip("lmms_eval")
 from training.lmms import TinyVLM  # noqa: E402 (it imports lmms-eval)
 
-UTILS = '''
-def doc_to_visual(doc):
-    return [doc["image"].convert("RGB")]
-'''
 TASKS = {
     "tiny_yesno": """
         output_type: generate_until
@@ -60,7 +56,7 @@ def tiny_tasks(tmp_path_factory):
             "answer": ["yes", "no"] * (len(images) // 2), "label": [0, 1] * (len(images) // 2)}
     data = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
     datasets.DatasetDict(test=data).save_to_disk(str(root / "data"))
-    (root / "utils.py").write_text(UTILS)
+    (root / "utils.py").write_text(lmms_task.UTILS)
     for task, body in TASKS.items():
         head = f"""
             dataset_path: {root / "data"}
