@@ -1,0 +1,120 @@
+"""--phase full under torchrun shards the LM with FSDP2 (training/sharding.py): 2 gloo processes on the CPU reach
+one process's weights, each writes its half of the checkpoint, which resumes exactly on 2 processes and loads, captions
+and exports in one."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, cli_args, steps_saved, tiny_config
+from generate import main as generate_main
+from models.vlm import SHARDED_WEIGHTS, read_weights
+from test_full_phase import full_cfg
+from training import checkpoint, loop
+from data.shapes import draw
+from models.vision import image_pixels
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def torchrun(n, cfg, log, script="main.py", expect_ok=True, **changes):
+    """Runs `script` (main.py) with cfg's flags on n processes; returns the out_dir's newest checkpoint."""
+    out_dir = changes.get("out_dir", cfg.out_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it for 2 processes: the same matmul sums
+    with open(log, "a") as err:  # (a file: a full pipe would block)
+        job = subprocess.run([*TORCHRUN, "--nproc_per_node", str(n), str(script), *cli_args(cfg, **changes)],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, timeout=300)
+    assert (job.returncode == 0) == expect_ok, log.read_text()[-3000:]
+    return checkpoint.newest(out_dir)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_assets, tmp_path_factory):
+    """The same full phase (3 steps of 2 micro-batches, validation at the end) as 1 process x batch 8 and as 2
+    sharded processes x batch 4."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    cfg = full_cfg(tiny_config(tiny_assets, tmp), grad_accum=2, max_steps=3)
+    one = torchrun(1, cfg, tmp / "one.log", batch_size=8, out_dir=tmp / "one")
+    two = torchrun(2, cfg, tmp / "two.log", batch_size=4, out_dir=tmp / "two")
+    return dataclasses.replace(cfg, batch_size=4), one, two
+
+
+@pytest.mark.slow
+def test_two_sharded_processes_reach_the_weights_of_one(runs):
+    cfg, one, two = runs
+    a, b = read_weights(one), read_weights(two)
+    assert not (one / SHARDED_WEIGHTS).exists() and a.keys() == b.keys()
+    # As the DDP test (test_train.py) explains: other rows per rank sum matmuls in another order (fp32 rounding),
+    # and AdamW can move a weight whose gradient is itself at rounding level by up to 2 lr a step.
+    reach = 2 * cfg.full_lr * cfg.max_steps
+    for k in a:
+        off = (b[k] - a[k]).abs()
+        assert (off > 1e-6 + 1e-5 * a[k].abs()).float().mean() < 1e-3 and off.max() <= reach, (k, off.max())
+
+
+@pytest.mark.slow
+def test_each_process_writes_its_half_of_the_weights(runs):
+    """Each rank's DCP file holds only its shards: about half of the weights' bytes (every weight trains, so none is
+    replicated and written by rank 0 alone)."""
+    _, _, two = runs
+    files = sorted((two / SHARDED_WEIGHTS).glob("*.distcp"))
+    assert [f.name for f in files] == ["__0_0.distcp", "__1_0.distcp"]
+    total = sum(t.numel() * t.element_size() for t in read_weights(two).values())
+    assert all(0.4 * total < f.stat().st_size < 0.6 * total for f in files)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_loads_captions_and_exports_in_one_process(runs, tmp_path):
+    cfg, _, two = runs
+    saved = read_weights(two)
+    model = checkpoint.load_model(two).eval()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in saved.items())
+    started = loop.build_model(dataclasses.replace(cfg, init_from=str(two), out_dir=str(tmp_path / "next")),
+                               torch.device("cpu"), resuming=False)
+    assert all(torch.equal(p, params[n]) for n, p in started.named_parameters())
+    pixels = image_pixels(model.processor, [draw("red", "circle", "center"), draw("blue", "square", "top left")])
+    captions = model.generate(pixels, max_new_tokens=8)
+    generate_main(["--checkpoint", str(two), "--export", str(tmp_path / "exported")])
+    assert checkpoint.load_model(tmp_path / "exported").generate(pixels, max_new_tokens=8) == captions
+
+
+CRASH_AFTER_THREE_STEPS = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+import main
+steps = []
+def crash(optimizer, args, kwargs):
+    steps.append(1)
+    if len(steps) == 4:
+        raise RuntimeError("simulated crash after step 3")
+register_optimizer_step_pre_hook(crash)
+main.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_exactly(runs, tmp_path):
+    """2 sharded processes crash after step 3 of 6 (both ranks, at the same optimizer step) and resume: the same
+    losses and bitwise the same weights as a run that was never interrupted."""
+    cfg = dataclasses.replace(runs[0], max_steps=6, save_every=3, val_size=0)
+    unbroken = torchrun(2, cfg, tmp_path / "unbroken.log", out_dir=tmp_path / "unbroken")
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_AFTER_THREE_STEPS)
+    torchrun(2, cfg, tmp_path / "broken.log", script=script, expect_ok=False, out_dir=tmp_path / "broken")
+    assert steps_saved(tmp_path / "broken") == [3]
+    resumed = torchrun(2, cfg, tmp_path / "broken.log", out_dir=tmp_path / "broken")
+    assert losses(tmp_path / "broken") == losses(tmp_path / "unbroken") and len(losses(tmp_path / "unbroken")) == 6
+    a, b = read_weights(resumed), read_weights(unbroken)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def losses(out_dir):
+    """{step: loss} from a run's log.jsonl (a resumed run's lines follow the crashed run's)."""
+    lines = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return {line["step"]: line["loss"] for line in lines if "loss" in line}
