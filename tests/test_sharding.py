@@ -33,11 +33,15 @@ def torchrun(n, cfg, log, script="main.py", expect_ok=True, **changes):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_assets, tmp_path_factory):
-    """The same full phase (3 steps of 2 micro-batches, validation at the end) as 1 process x batch 8 and as 2
-    sharded processes x batch 4."""
-    tmp = tmp_path_factory.mktemp("sharded")
-    cfg = full_cfg(tiny_config(tiny_assets, tmp), grad_accum=2, max_steps=3)
+def full(tiny_assets, tmp_path_factory):
+    """A full phase of 3 steps of 2 micro-batches, from a projector checkpoint."""
+    return full_cfg(tiny_config(tiny_assets, tmp_path_factory.mktemp("full")), grad_accum=2, max_steps=3)
+
+
+@pytest.fixture(scope="module")
+def runs(full, tmp_path_factory):
+    """That full phase (validation at the end) as 1 process x batch 8 and as 2 sharded processes x batch 4."""
+    tmp, cfg = tmp_path_factory.mktemp("sharded"), full
     one = torchrun(1, cfg, tmp / "one.log", batch_size=8, out_dir=tmp / "one")
     two = torchrun(2, cfg, tmp / "two.log", batch_size=4, out_dir=tmp / "two")
     return dataclasses.replace(cfg, batch_size=4), one, two
@@ -81,6 +85,40 @@ def test_a_sharded_checkpoint_loads_captions_and_exports_in_one_process(runs, tm
     captions = model.generate(pixels, max_new_tokens=8)
     generate_main(["--checkpoint", str(two), "--export", str(tmp_path / "exported")])
     assert checkpoint.load_model(tmp_path / "exported").generate(pixels, max_new_tokens=8) == captions
+
+
+SHARD_AND_COUNT = f"""
+import json, sys
+sys.path.insert(0, {str(REPO)!r})
+from torch.distributed.tensor import DTensor
+from models.config import VLMConfig
+from training import loop
+from training.distributed import setup_distributed
+from training.sharding import distribute
+cfg = VLMConfig.load(sys.argv[1])
+rank, world, device = setup_distributed(cfg)
+model = distribute(loop.build_model(cfg, device, resuming=False), cfg, world)
+lm = [p for n, p in model.named_parameters() if n.startswith("lm.")]
+vision = list(model.vision.parameters())
+counts = dict(lm_sharded=all(isinstance(p, DTensor) for p in lm), lm=sum(p.numel() for p in lm),
+              lm_here=sum(p.to_local().numel() for p in lm), vision_whole=not any(isinstance(p, DTensor) for p in vision))
+open(sys.argv[2] + f"/rank_{{rank}}.json", "w").write(json.dumps(counts))
+"""
+
+
+@pytest.mark.slow
+def test_each_process_holds_half_of_the_lm_and_the_whole_tower(full, tmp_path):
+    full.save(tmp_path / "config.json")
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_AND_COUNT)
+    log = tmp_path / "shard.log"
+    job = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", str(script), str(tmp_path / "config.json"), str(tmp_path)],
+                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(log, "w"), timeout=300)
+    assert job.returncode == 0, log.read_text()[-3000:]
+    ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
+    assert all(r["lm_sharded"] and r["vision_whole"] for r in ranks)
+    assert sum(r["lm_here"] for r in ranks) == ranks[0]["lm"]  # each element on exactly one rank
+    assert all(0.4 * r["lm"] < r["lm_here"] < 0.6 * r["lm"] for r in ranks)
 
 
 CRASH_AFTER_THREE_STEPS = f"""
