@@ -97,11 +97,12 @@ from training.distributed import setup_distributed
 from training.sharding import distribute
 cfg = VLMConfig.load(sys.argv[1])
 rank, world, device = setup_distributed(cfg)
-model = distribute(loop.build_model(cfg, device, resuming=False), cfg, world)
+model = distribute(loop.build_model(cfg, device, resuming=False), cfg, world, device)
 lm = [p for n, p in model.named_parameters() if n.startswith("lm.")]
 vision = list(model.vision.parameters())
 counts = dict(lm_sharded=all(isinstance(p, DTensor) for p in lm), lm=sum(p.numel() for p in lm),
-              lm_here=sum(p.to_local().numel() for p in lm), vision_whole=not any(isinstance(p, DTensor) for p in vision))
+              lm_here=sum(p.to_local().numel() for p in lm),
+              vision_whole=not any(isinstance(p, DTensor) for p in vision))
 open(sys.argv[2] + f"/rank_{{rank}}.json", "w").write(json.dumps(counts))
 """
 
@@ -112,8 +113,9 @@ def test_each_process_holds_half_of_the_lm_and_the_whole_tower(full, tmp_path):
     script = tmp_path / "shard.py"
     script.write_text(SHARD_AND_COUNT)
     log = tmp_path / "shard.log"
-    job = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", str(script), str(tmp_path / "config.json"), str(tmp_path)],
-                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(log, "w"), timeout=300)
+    with open(log, "w") as err:
+        job = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", str(script), str(tmp_path / "config.json"),
+                              str(tmp_path)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, timeout=300)
     assert job.returncode == 0, log.read_text()[-3000:]
     ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
     assert all(r["lm_sharded"] and r["vision_whole"] for r in ranks)

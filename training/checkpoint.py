@@ -225,7 +225,7 @@ def load_shards(model, optimizer, path):
     names = set(FileSystemReader(path / SHARDED_WEIGHTS).read_metadata().state_dict_metadata)
     weights = sharded_weights(model, names)
     dcp.load(weights, checkpoint_id=path / SHARDED_WEIGHTS)
-    set_model_state_dict(model, weights, options=StateDictOptions(strict=False))  # (strict: the frozen tower too)
+    set_model_state_dict(model, weights, options=StateDictOptions(strict=False))  # (no frozen tower in it)
     state = get_optimizer_state_dict(model, optimizer)
     dcp.load(state, checkpoint_id=path / SHARDED_OPTIMIZER)
     set_optimizer_state_dict(model, optimizer, state)

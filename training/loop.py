@@ -111,7 +111,7 @@ def train(cfg: VLMConfig):
             print(unusable_line(data["unusable"], len(data["records"])), flush=True)
         torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; distribute: rank 0's initial weights on all
         model = build_model(cfg, device, resume_from is not None, tokenizer)
-        forward = distribute(model, cfg, world)  # DDP, or the full phase's shards (training/sharding.py)
+        forward = distribute(model, cfg, world, device)  # DDP, or the full phase's shards (training/sharding.py)
         train_loader, val_loader = build_data(cfg, model, rank, world, data)
         total = cfg.max_steps or cfg.epochs * (len(train_loader.batch_sampler) // cfg.grad_accum)
         optimizer = build_optimizer(cfg, model)

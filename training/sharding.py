@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -23,24 +24,25 @@ from torch.nn.parallel import DistributedDataParallel
 from training.distributed import all_reduce
 
 
-def distribute(model, cfg, world):
+def distribute(model, cfg, world, device):
     """The module train_step runs: `model` itself with one process; in a full phase the same model, sharded in
     place (shard); else `model` wrapped in DDP."""
     if world == 1:
         return model
     if cfg.phase == "full":
-        return shard(model)
+        return shard(model, init_device_mesh(device.type, (world,)))
     return DistributedDataParallel(model, broadcast_buffers=False)
 
 
-def shard(model):
-    """Shards `model` (a VLM) in place, every process starting from rank 0's weights (as DDP does: a fresh
-    projector is drawn from each rank's seed)."""
+def shard(model, mesh):
+    """Shards `model` (a VLM) in place over `mesh` (FSDP2's default mesh is the GPUs whenever torch sees one, also
+    for a --device cpu run), every process starting from rank 0's weights (as DDP does: a fresh projector is drawn
+    from each rank's seed)."""
     for t in [*model.parameters(), *model.buffers()]:
         dist.broadcast(t.data, src=0)
     for layer in model.lm.base_model.layers:
-        fully_shard(layer)
-    fully_shard(model, ignored_params={p for p in model.vision.parameters() if not p.requires_grad})
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params={p for p in model.vision.parameters() if not p.requires_grad})
     return model
 
 
