@@ -1,6 +1,6 @@
-"""--phase full under torchrun shards the LM with FSDP2 (training/sharding.py): 2 gloo processes on the CPU reach
-one process's weights, each writes its half of the checkpoint, which resumes exactly on 2 processes and loads, captions
-and exports in one."""
+"""--phase full under torchrun shards the LM with FSDP2 (training/sharding.py): 2 gloo processes on the CPU each hold
+half of the LM, reach one process's weights, skip a non-finite step together, and each write their half of the
+checkpoint, which resumes exactly on 2 processes and loads, captions and exports in one."""
 import dataclasses
 import json
 import os
@@ -158,3 +158,34 @@ def losses(out_dir):
     """{step: loss} from a run's log.jsonl (a resumed run's lines follow the crashed run's)."""
     lines = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     return {line["step"]: line["loss"] for line in lines if "loss" in line}
+
+
+NAN_GRADIENT_ON_RANK_1_AT_STEP_2 = f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+import torch
+import main
+clip, calls = torch.nn.utils.clip_grad_norm_, []
+def clip_after_a_nan(params, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2 and os.environ["RANK"] == "1":
+        params[0].grad.to_local().fill_(float("nan"))  # this rank's shard of one weight's reduced gradient
+    return clip(params, *args, **kwargs)
+torch.nn.utils.clip_grad_norm_ = clip_after_a_nan
+main.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(full, tmp_path):
+    """The gradient norm over sharded gradients is the whole model's, so a NaN in one rank's shard skips the step
+    everywhere: the weights after step 2 are those after step 1, and step 3 trains."""
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_GRADIENT_ON_RANK_1_AT_STEP_2)
+    out = tmp_path / "run"
+    torchrun(2, full, tmp_path / "run.log", script=script, batch_size=4, save_every=1, keep_last=3, val_size=0,
+             out_dir=out)
+    one, two, three = (read_weights(out / f"step_{s:08d}") for s in (1, 2, 3))
+    assert all(torch.equal(one[k], two[k]) for k in one) and not all(torch.equal(two[k], three[k]) for k in two)
+    skipped_so_far = [json.loads(line)["bad_steps"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert skipped_so_far == [0, 1, 1]
