@@ -14,6 +14,8 @@ from conftest import REPO, cli_args, steps_saved, tiny_config
 from generate import main as generate_main
 from models.vlm import SHARDED_WEIGHTS, read_weights
 from test_full_phase import full_cfg
+from data.loading import open_data
+from models.vlm import load_tokenizer
 from training import checkpoint, loop
 from data.shapes import draw
 from models.vision import image_pixels
@@ -34,8 +36,9 @@ def torchrun(n, cfg, log, script="main.py", expect_ok=True, **changes):
 
 @pytest.fixture(scope="module")
 def full(tiny_assets, tmp_path_factory):
-    """A full phase of 3 steps of 2 micro-batches, from a projector checkpoint."""
-    return full_cfg(tiny_config(tiny_assets, tmp_path_factory.mktemp("full")), grad_accum=2, max_steps=3)
+    """A full phase of 3 steps of 2 micro-batches, from a projector checkpoint; 9 validation records: 5 on rank 0
+    and 4 on rank 1 of 2, so with batch 4 one rank has a validation batch more than the other."""
+    return full_cfg(tiny_config(tiny_assets, tmp_path_factory.mktemp("full")), grad_accum=2, max_steps=3, val_size=9)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,15 @@ def runs(full, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_sharded_processes_reach_the_weights_of_one(runs):
+def test_two_sharded_processes_reach_the_weights_and_validation_loss_of_one(runs):
+    """The validation loss too, though one rank has a batch more (its peer runs a forward that counts nothing, as
+    each forward gathers weights from both)."""
     cfg, one, two = runs
+    tokenizer = load_tokenizer(cfg)
+    assert [len(open_data(cfg, tokenizer, rank, 2)["val_batches"]) for rank in (0, 1)] == [2, 1]
+    val_one, val_two = (val_losses(run.parent) for run in (one, two))
+    assert val_one.keys() == val_two.keys() == {cfg.max_steps}
+    assert val_two[cfg.max_steps] == pytest.approx(val_one[cfg.max_steps], rel=1e-5)
     a, b = read_weights(one), read_weights(two)
     assert not (one / SHARDED_WEIGHTS).exists() and a.keys() == b.keys()
     # As the DDP test (test_train.py) explains: other rows per rank sum matmuls in another order (fp32 rounding),
@@ -154,10 +164,14 @@ def test_a_sharded_run_resumes_exactly(runs, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def losses(out_dir):
+def losses(out_dir, key="loss"):
     """{step: loss} from a run's log.jsonl (a resumed run's lines follow the crashed run's)."""
     lines = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-    return {line["step"]: line["loss"] for line in lines if "loss" in line}
+    return {line["step"]: line[key] for line in lines if key in line}
+
+
+def val_losses(out_dir):
+    return losses(out_dir, "val_loss")
 
 
 NAN_GRADIENT_ON_RANK_1_AT_STEP_2 = f"""

@@ -131,6 +131,9 @@ def train(cfg: VLMConfig):
         reporter.print(f"phase {cfg.phase}: {sum(p.numel() for p in params):,} trainable parameters, "
                        f"{model.n_image_tokens} image tokens, {cfg.batch_tokens * cfg.grad_accum * world} tokens a "
                        f"step, steps {book.step}->{total}" + (f", resumed from {resume_from}" if resume_from else ""))
+        if is_sharded(model) and (cfg.eval_captions or cfg.metric_records):  # (evaluate says why)
+            reporter.print("the LM is sharded: no sample captions or caption metrics while it trains; run eval.py on "
+                           "a checkpoint")
         bar = tqdm(total=total, initial=book.step, disable=rank != 0, dynamic_ncols=True, leave=False)
         stopping = 0  # the signal that stopped the run
         # closing(steps): the data workers stop when training ends, not whenever the garbage collector finds them
