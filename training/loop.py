@@ -22,9 +22,9 @@ from models.vlm import VLM, autocast, check_shapes, load_tokenizer
 from training import checkpoint, speed
 from training.bookkeeping import Bookkeeping
 from training.distributed import all_reduce, setup_distributed
-from training.sharding import as_many_as_the_longest, distribute, is_sharded, no_sync, whole
 from training.metrics import score_line
 from training.report import Reporter, caption_metrics, sample_captions, step_line
+from training.sharding import as_many_as_the_longest, distribute, is_sharded, no_sync, whole
 from training.stop import StopRequest, Stopped
 
 
