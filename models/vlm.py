@@ -1,12 +1,15 @@
 """The joined model: vision tower(s) (frozen) -> projector -> causal LM (frozen in phase 1; LoRA, or every weight in
 the full phase, in phase 2)."""
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .attention import PACKED_ATTENTION
@@ -65,12 +68,27 @@ def load_tokenizer(cfg: VLMConfig):
 
 
 WEIGHTS = "trainable.safetensors"  # a checkpoint's trained weights, beside its config.json
+SHARDED_WEIGHTS = "weights.dcp"  # a sharded run's instead (training/sharding.py): a torch.distributed.checkpoint folder
+
+
+def read_weights(path):
+    """A checkpoint's weights, {name: tensor on the CPU}: its trainable.safetensors, or a sharded run's shards
+    joined into whole tensors (read in this one process, whatever number of processes wrote them)."""
+    sharded = Path(path) / SHARDED_WEIGHTS
+    if not sharded.is_dir():
+        return load_file(str(Path(path) / WEIGHTS))
+    saved = FileSystemReader(sharded).read_metadata().state_dict_metadata
+    state = {name: torch.empty(m.size, dtype=m.properties.dtype) for name, m in saved.items()}
+    with warnings.catch_warnings():  # DCP warns that it loads in one process even when told to (no_dist)
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=sharded, no_dist=True)  # this process reads every shard itself
+    return state
 
 
 def load_weights(model, path):
     """Load a checkpoint's weights into `model`: every trainable one, and the frozen ones it carries from its own
     init_from (training.checkpoint.init_weights), which the model then carries on into its next checkpoints."""
-    state = load_file(str(Path(path) / WEIGHTS))
+    state = read_weights(path)
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = trainable - set(state), set(state) - set(params)

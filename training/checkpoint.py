@@ -8,6 +8,13 @@ A checkpoint is a directory, out_dir/step_XXXXXXXX/ for a training run:
     train_state.pt           optimizer, scheduler, step, data and non-finite counts (training runs only)
     rng_<rank>.pt            each rank's RNG state (dropout differs per rank)
 
+A sharded run (--phase full under torchrun, training/sharding.py) holds, instead of trainable.safetensors and the
+optimizer in train_state.pt, two torch.distributed.checkpoint (DCP) folders, each rank writing its own shards:
+    weights.dcp/             the same weights as trainable.safetensors, by the same names
+    optimizer.dcp/           AdamW's state, by weight name
+DCP reads them on any number of processes: resuming (the same number: check_resume), and as whole tensors in one
+process for init_from, generation, evaluation and export (models.vlm.read_weights).
+
 Every file and the folder reach the disk before the rename that makes a checkpoint, and resuming passes over one
 that is incomplete all the same (a disk or file system that reorders writes): see newest().
 
@@ -26,13 +33,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import safetensors.torch
-from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from data.download import chat_json_path, file_sha256
 from models.config import ConfigError, VLMConfig
 from models.lora import lora_delta
-from models.vlm import VLM, WEIGHTS, load_weights
+from models.vlm import SHARDED_WEIGHTS, VLM, WEIGHTS, load_weights, read_weights
+from training.sharding import is_sharded
 
 RUN_INFO = "run.json"
 # Fields a resumed run may change: they do not touch the math of training. Any other change stops the run. (A
@@ -69,13 +80,21 @@ def newest(out_dir):
     return None
 
 
-REQUIRED = ("config.json", WEIGHTS, "train_state.pt", "rng_0.pt")
+SHARDED_OPTIMIZER = "optimizer.dcp"
+
+
+def required(path):
+    """The files a checkpoint cannot resume without (a DCP folder is written when its .metadata is)."""
+    weights = [WEIGHTS]
+    if (path / SHARDED_WEIGHTS).is_dir():
+        weights = [f"{SHARDED_WEIGHTS}/.metadata", f"{SHARDED_OPTIMIZER}/.metadata"]
+    return ["config.json", *weights, "train_state.pt", "rng_0.pt"]
 
 
 def incomplete(path):
     """Why a checkpoint cannot be resumed from, or "": a file it needs is missing, or one of its files is empty (as
     a crash after the rename can leave a file whose data never reached the disk). Names and sizes only: cheap."""
-    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    missing = [name for name in required(path) if not (path / name).is_file()]
     empty = sorted(p.name for p in path.iterdir() if p.is_file() and p.stat().st_size == 0)
     return "; ".join(filter(None, [missing and f"no {', '.join(missing)}", empty and f"empty {', '.join(empty)}"]))
 
@@ -188,6 +207,31 @@ def save_model(model, path):
     (path / WEIGHTS).write_bytes(safetensors.torch.save(model.trainable_state_dict()))  # save_file would make it private (0600)
 
 
+def sharded_weights(model, names=None):
+    """A sharded model's entries of trainable_state_dict (or those `names`): this rank's shards, as DTensors."""
+    names = names or {n for n, p in model.named_parameters() if p.requires_grad} | model.carried
+    return {n: t for n, t in get_model_state_dict(model).items() if n in names}
+
+
+def save_shards(model, optimizer, path):
+    """Every rank writes its shards of the weights and of the optimizer state (one collective call each)."""
+    dcp.save(sharded_weights(model), checkpoint_id=path / SHARDED_WEIGHTS)
+    dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=path / SHARDED_OPTIMIZER)
+
+
+def load_shards(model, optimizer, path):
+    """A sharded checkpoint's weights and optimizer state into a sharded model and its optimizer, each rank reading
+    the parts of its own shards (DCP reshards across process counts)."""
+    names = set(FileSystemReader(path / SHARDED_WEIGHTS).read_metadata().state_dict_metadata)
+    weights = sharded_weights(model, names)
+    dcp.load(weights, checkpoint_id=path / SHARDED_WEIGHTS)
+    set_model_state_dict(model, weights, options=StateDictOptions(strict=False))  # (no frozen tower in it)
+    state = get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=path / SHARDED_OPTIMIZER)
+    set_optimizer_state_dict(model, optimizer, state)
+    model.carried = names - {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def load_model(path):
     """The model a checkpoint (or a run's out_dir) describes: its config's backbones plus its weights."""
     return VLM.from_checkpoint(resolve(path))
@@ -210,7 +254,7 @@ def init_weights(model, path):
     line that says what was taken."""
     path = resolve(path)
     source = VLMConfig.load(path / "config.json")
-    state = load_file(str(path / WEIGHTS))
+    state = read_weights(path)
     params = dict(model.named_parameters())
     names = {unwrapped(n): n for n in params}  # a model without adapters' names -> this model's
     same_scale = source.lora_alpha / source.lora_r == model.cfg.lora_alpha / model.cfg.lora_r
@@ -286,14 +330,21 @@ def save(out_dir, model, optimizer, scheduler, state, rank, keep_last):
         tmp.mkdir(parents=True)
     barrier()
     torch.save({**rng_state(), "data": state["data"]}, tmp / f"rng_{rank}.pt")
+    train_state = {"scheduler": scheduler.state_dict(),
+                   "state": {k: v for k, v in state.items() if k not in ("data", "data_identity")}}
+    if is_sharded(model):  # every rank writes its shards
+        save_shards(model, optimizer, tmp)
     if rank == 0:
-        save_model(model, tmp)
+        if is_sharded(model):
+            model.cfg.save(tmp / "config.json")
+        else:
+            save_model(model, tmp)
+            train_state["optimizer"] = optimizer.state_dict()
         (tmp / RUN_INFO).write_text(json.dumps({"run_id": state["run_id"], "data": state["data_identity"]}) + "\n")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "state": {k: v for k, v in state.items() if k not in ("data", "data_identity")}}, tmp / "train_state.pt")
+        torch.save(train_state, tmp / "train_state.pt")
     barrier()
     if rank == 0:
-        for path in [*tmp.iterdir(), tmp]:  # every rank's files are written (the barrier)
+        for path in [*tmp.rglob("*"), tmp]:  # every rank's files are written (the barrier)
             fsync(path)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -308,9 +359,12 @@ def save(out_dir, model, optimizer, scheduler, state, rank, keep_last):
 
 def load(path, model, optimizer, scheduler, rank):
     """Restores weights, optimizer, schedule and this rank's RNG; returns the saved training state."""
-    load_weights(model, path)
     saved = torch.load(Path(path) / "train_state.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
+    if is_sharded(model):
+        load_shards(model, optimizer, Path(path))
+    else:
+        load_weights(model, path)
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     per_rank = torch.load(Path(path) / f"rng_{rank}.pt", weights_only=False)
     set_rng_state(per_rank)

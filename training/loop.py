@@ -10,7 +10,6 @@ from contextlib import closing, nullcontext
 import torch
 import torch.distributed as dist
 import transformers
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.download import DataError
@@ -25,6 +24,7 @@ from training.bookkeeping import Bookkeeping
 from training.distributed import all_reduce, setup_distributed
 from training.metrics import score_line
 from training.report import Reporter, caption_metrics, sample_captions, step_line
+from training.sharding import as_many_as_the_longest, distribute, is_sharded, no_sync, whole
 from training.stop import StopRequest, Stopped
 
 
@@ -61,10 +61,15 @@ def val_loss(model, loader, device):
     small share of the run's time, and interleave them with training's."""
     model.eval()
     loss_sum, n_tokens = torch.zeros((), device=device), 0
-    for b in start_workers(loader):
+    batches = ((b, True) for b in start_workers(loader))
+    if is_sharded(model):
+        batches = as_many_as_the_longest(start_workers(loader), len(loader.batch_sampler), device)
+    for b, counts in batches:
         with autocast(device):
-            loss_sum += model(**to_device(b, device)).loss_sum
-        n_tokens += b["n_label_tokens"]
+            loss = model(**to_device(b, device)).loss_sum
+        if counts:
+            loss_sum += loss
+            n_tokens += b["n_label_tokens"]
     model.train()
     total = all_reduce(torch.stack([loss_sum, torch.tensor(float(n_tokens), device=device)]))
     return (total[0] / total[1].clamp(min=1)).item()
@@ -72,12 +77,14 @@ def val_loss(model, loader, device):
 
 def evaluate(model, val_loader, cfg, step, done, rank, device, reporter):
     """The validation loss, a few sample captions, and at the end of the phase the captioning metrics (rank 0:
-    they are slow), logged. Returns what goes into train's result."""
+    they are slow; not for a sharded model, which generates only with every rank: eval.py on its checkpoint does),
+    logged. Returns what goes into train's result."""
     out = {"val_loss": val_loss(model, val_loader, device)}
-    captions = sample_captions(model, val_loader.dataset, cfg.eval_captions, device)[0] if rank == 0 else []
+    rank0_generates = rank == 0 and not is_sharded(model)
+    captions = sample_captions(model, val_loader.dataset, cfg.eval_captions, device)[0] if rank0_generates else []
     reporter.print(f"step {step}: val loss {out['val_loss']:.4f}")
     reporter.log(step, {"val_loss": out["val_loss"]}, captions)
-    if done and cfg.metric_records and rank == 0:
+    if done and cfg.metric_records and rank0_generates:
         out["caption_scores"], _, _ = caption_metrics(model, val_loader.dataset, cfg.metric_records, device)
         reporter.print(f"step {step}: " + score_line(out["caption_scores"]))
         reporter.log(step, {f"val_{k}": v for k, v in out["caption_scores"].items()})
@@ -102,8 +109,9 @@ def train(cfg: VLMConfig):
         data = open_data(cfg, tokenizer, rank, world)  # before the model: a data mistake costs seconds
         if rank == 0 and data["unusable"]:
             print(unusable_line(data["unusable"], len(data["records"])), flush=True)
-        torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; DDP gives every rank rank 0's initial weights
+        torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; distribute: rank 0's initial weights on all
         model = build_model(cfg, device, resume_from is not None, tokenizer)
+        forward = distribute(model, cfg, world, device)  # DDP, or the full phase's shards (training/sharding.py)
         train_loader, val_loader = build_data(cfg, model, rank, world, data)
         total = cfg.max_steps or cfg.epochs * (len(train_loader.batch_sampler) // cfg.grad_accum)
         optimizer = build_optimizer(cfg, model)
@@ -111,7 +119,6 @@ def train(cfg: VLMConfig):
         saved = checkpoint.load(resume_from, model, optimizer, scheduler, rank) if resume_from else {}
         # the run's id (kept across resumes: wandb's run, and which checkpoints rotation may remove) and its data
         run = {"run_id": saved.get("run_id") or checkpoint.new_run_id(), "data_identity": data["identity"]}
-        forward = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
         params = speed.prepare(model, cfg, device, world)
         book = Bookkeeping(cfg, model, device, world, total, saved)  # the counts: loss, skips, throughput, the step
         steps = steps_of_micro_batches(train_loader, book.step, cfg.grad_accum)
@@ -124,6 +131,9 @@ def train(cfg: VLMConfig):
         reporter.print(f"phase {cfg.phase}: {sum(p.numel() for p in params):,} trainable parameters, "
                        f"{model.n_image_tokens} image tokens, {cfg.batch_tokens * cfg.grad_accum * world} tokens a "
                        f"step, steps {book.step}->{total}" + (f", resumed from {resume_from}" if resume_from else ""))
+        if is_sharded(model) and (cfg.eval_captions or cfg.metric_records):  # (evaluate says why)
+            reporter.print("the LM is sharded: no sample captions or caption metrics while it trains; run eval.py on "
+                           "a checkpoint")
         bar = tqdm(total=total, initial=book.step, disable=rank != 0, dynamic_ncols=True, leave=False)
         stopping = 0  # the signal that stopped the run
         # closing(steps): the data workers stop when training ends, not whenever the garbage collector finds them
@@ -162,24 +172,25 @@ def train(cfg: VLMConfig):
 
 
 def train_step(forward, batches, optimizer, params, cfg, device):
-    """One optimizer step over grad_accum micro-batches (forward is the model, or its DDP wrapper). Returns, on the
-    device: the summed loss, the global batch's label tokens, and whether the step was finite (else it was skipped)."""
+    """One optimizer step over grad_accum micro-batches (forward is the model, sharded or not, or its DDP wrapper).
+    Returns, on the device: the summed loss, the global batch's label tokens, and whether the step was finite (else
+    it was skipped)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     # Each micro-batch's summed loss is divided by the label-token count of the whole global batch, so the
-    # accumulated gradient is exactly the global batch's (not a mean of micro-batch means). DDP averages over
-    # ranks, hence * world; it all-reduces once, on the last micro-step (no_sync before it).
+    # accumulated gradient is exactly the global batch's (not a mean of micro-batch means). DDP and FSDP average over
+    # ranks, hence * world; they reduce once, on the last micro-step (no_sync before it).
     n_local = torch.tensor(float(sum(b["n_label_tokens"] for b in batches)))
     n_global = all_reduce(n_local.to(device, non_blocking=True))  # a blocking copy would wait for the GPU
     step_loss = torch.zeros((), device=device)
     try:
         for i, batch in enumerate(batches):  # (one whose records were all unusable trains nothing: same shape)
-            with forward.no_sync() if world > 1 and i < len(batches) - 1 else nullcontext():
+            with no_sync(forward) if world > 1 and i < len(batches) - 1 else nullcontext():
                 with autocast(device):
                     out = forward(**to_device(batch, device))
                 (out.loss_sum * world / n_global.clamp(min=1)).backward()
             step_loss += out.loss_sum.detach()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-        finite = torch.isfinite(norm)
+        finite = torch.isfinite(whole(norm))
         # Fused AdamW skips the update on the device when found_inf is set: no host sync. found_inf is GradScaler's
         # channel, not a public API (none skips on the device), so a GPU test and a CPU test guard it.
         optimizer.found_inf = (~finite).float()

@@ -57,7 +57,9 @@ def prepare(model, cfg, device, world):
         compile_blocks(model, cuda_graphs=cfg.cuda_graphs and world == 1)
         warm_image_counts(model, cfg.batch_size, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # zeroed after each step (zero_grad(set_to_none=False)), never freed
+    # zeroed after each step (zero_grad(set_to_none=False)), never freed; a sharded weight's is a sharded DTensor too,
+    # which FSDP2 adds each step's reduced gradient into
+    for p in params:
         p.grad = torch.zeros_like(p)
     return params
 
