@@ -334,8 +334,12 @@ class VLM(nn.Module):
             self.decoder_shape = shape
         return self.decoder
 
+    def saved_names(self):
+        """The weights a checkpoint holds: the trained ones (the projector, the adapters; in the full phase the LM
+        too) and the frozen ones carried from init_from."""
+        return {n for n, p in self.named_parameters() if p.requires_grad} | self.carried
+
     def trainable_state_dict(self):
-        """What a checkpoint holds: the trained weights (the projector, the adapters; in the full phase the LM too) and
-        the frozen ones carried from init_from, fp32 on the CPU."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad} | self.carried
+        """What a checkpoint holds (saved_names), fp32 on the CPU."""
+        names = self.saved_names()
         return {n: t.detach().float().cpu().contiguous() for n, t in self.state_dict().items() if n in names}

@@ -66,21 +66,17 @@ def ban_stops(model):
     return model.lm.get_output_embeddings().register_forward_hook(lambda m, a, out: out.index_fill(-1, stops, -1e4))
 
 
-def prompts_of(model, batch):
-    return [encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * batch
-
-
 def generation_speed(model, batch, new_tokens, device):
     pixels = torch.randint(0, 256, (batch, *model.vision.pixel_shape), dtype=torch.uint8, device=device)
     cold, _ = timed(lambda: model.generate(pixels, max_new_tokens=new_tokens), device)
     warm = [timed(lambda: model.generate(pixels, max_new_tokens=new_tokens), device)[0] for _ in range(5)]
-    ids = left_pad(prompts_of(model, batch), model.tokenizer.pad_token_id)[0].to(device)
+    prompts = [encode_prompt(model.tokenizer, DEFAULT_PROMPT, model.n_image_tokens)] * batch
+    ids = left_pad(prompts, model.tokenizer.pad_token_id)[0].to(device)
     with torch.no_grad(), autocast(device):
         embed = statistics.median(timed(lambda: model.embed(ids, pixels), device)[0] for _ in range(3))
     model.generate(pixels, max_new_tokens=1)  # its own decoder: recorded before timing
     prefill = statistics.median(timed(lambda: model.generate(pixels, max_new_tokens=1), device)[0] for _ in range(3))
     ours = model.generate(pixels, max_new_tokens=new_tokens)
-    prompts = prompts_of(model, batch)
     theirs = partial(transformers_generate, model, prompts, pixels, new_tokens, [model.end_of_turn_id])
     theirs()  # warm-up
     hf_s, tokens = min((timed(theirs, device) for _ in range(3)), key=lambda r: r[0])

@@ -56,12 +56,12 @@ def items(data_dir, limit):
 
 def write_task(data_dir, out, limit=0, max_new_tokens=32):
     """The task folder `out` (see the opening); returns the task's name and its number of items."""
-    import datasets
-    from data.llava import ImageStore, decode_image
-
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists: a task folder is never overwritten; name another --out")
+    import datasets  # (after the check: seconds to import)
+    from data.llava import ImageStore, decode_image
+
     store, rows = ImageStore(data_dir), items(data_dir, limit)
     data = datasets.Dataset.from_dict({"question": [q for q, _, _ in rows], "answer": [a for _, a, _ in rows],
                                        "image": [decode_image(store.read(name)) for _, _, name in rows]})
@@ -82,9 +82,10 @@ def main(argv):
     args = p.parse_args(argv)
     if not (Path(args.data_dir) / "chat.json").is_file():
         p.error(f"no chat.json in {args.data_dir}")
-    if Path(args.out).exists():
-        p.error(f"{args.out} exists: a task folder is never overwritten; name another --out")
-    name, n = write_task(args.data_dir, args.out, args.limit, args.max_new_tokens)
+    try:
+        name, n = write_task(args.data_dir, args.out, args.limit, args.max_new_tokens)
+    except FileExistsError as e:
+        p.error(str(e))
     print(f"task {name}: {n} items in {args.out}; score it with: python -m tools.lmms --checkpoint CKPT "
           f"--include_path {args.out} --tasks {name}")
 

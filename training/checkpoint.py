@@ -209,7 +209,7 @@ def save_model(model, path):
 
 def sharded_weights(model, names=None):
     """A sharded model's entries of trainable_state_dict (or those `names`): this rank's shards, as DTensors."""
-    names = names or {n for n, p in model.named_parameters() if p.requires_grad} | model.carried
+    names = names or model.saved_names()
     return {n: t for n, t in get_model_state_dict(model).items() if n in names}
 
 

@@ -61,9 +61,11 @@ def val_loss(model, loader, device):
     small share of the run's time, and interleave them with training's."""
     model.eval()
     loss_sum, n_tokens = torch.zeros((), device=device), 0
-    batches = ((b, True) for b in start_workers(loader))
+    workers = start_workers(loader)
     if is_sharded(model):
-        batches = as_many_as_the_longest(start_workers(loader), len(loader.batch_sampler), device)
+        batches = as_many_as_the_longest(workers, len(loader.batch_sampler), device)
+    else:
+        batches = ((b, True) for b in workers)
     for b, counts in batches:
         with autocast(device):
             loss = model(**to_device(b, device)).loss_sum
