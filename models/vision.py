@@ -119,8 +119,12 @@ class VisionTowers(nn.Module):
             pixels = pixel_values.float()
             if pixels.shape[-1] != self.sides[i]:  # a fused tower whose processor makes another size
                 pixels = F.interpolate(pixels, size=self.sides[i], mode="bicubic", antialias=True)
+            # channels_last: the patch convolution's output then flattens into contiguous patch rows. From NCHW they
+            # are a transposed view (SigLIP's embeddings), which every later op of an eager tower strode through or
+            # copied: 44 instead of 32 ms for 256 images on an H100 (generation's tower), the same features
             pixels = pixels * self.pixel_scale[i] - self.pixel_shift[i]
-            hidden = tower(pixel_values=pixels.to(tower.dtype)).last_hidden_state  # [B, prefix + N, Di]
+            pixels = pixels.to(tower.dtype, memory_format=torch.channels_last)
+            hidden = tower(pixel_values=pixels).last_hidden_state  # [B, prefix + N, Di]
             feats.append(hidden[:, -self.n_patches:])  # CLIP's class token, DINOv2's class and registers lead
         return torch.cat(feats, dim=-1)                               # [B, N, sum Di]
 

@@ -103,12 +103,14 @@ def train(cfg: VLMConfig):
     check_shapes(cfg)
     checkpoint.check_init_from(cfg)
     rank, world, device = setup_distributed(cfg)
-    with checkpoint.OutDir(cfg, rank):  # one run in out_dir at a time, and never a new run over another's
+    # one run in out_dir at a time, and never a new run over another's
+    with checkpoint.OutDir(cfg, rank), speed.FrozenHeap() as heap:
         resume_from = checkpoint.newest(cfg.out_dir) if cfg.resume else None
         if resume_from:
             checkpoint.check_resume(cfg, resume_from, world)
         tokenizer = load_tokenizer(cfg)
         data = open_data(cfg, tokenizer, rank, world)  # before the model: a data mistake costs seconds
+        heap.freeze()  # the data's lengths and plans live as long as the run
         if rank == 0 and data["unusable"]:
             print(unusable_line(data["unusable"], len(data["records"])), flush=True)
         torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; distribute: rank 0's initial weights on all
@@ -121,9 +123,9 @@ def train(cfg: VLMConfig):
         saved = checkpoint.load(resume_from, model, optimizer, scheduler, rank) if resume_from else {}
         # the run's id (kept across resumes: wandb's run, and which checkpoints rotation may remove) and its data
         run = {"run_id": saved.get("run_id") or checkpoint.new_run_id(), "data_identity": data["identity"]}
-        params = speed.prepare(model, cfg, device, world)
         book = Bookkeeping(cfg, model, device, world, total, saved)  # the counts: loss, skips, throughput, the step
-        steps = steps_of_micro_batches(train_loader, book.step, cfg.grad_accum)
+        steps = steps_of_micro_batches(train_loader, book.step, cfg.grad_accum)  # its workers start before compiling
+        params = speed.prepare(model, cfg, device, world)
         reporter = Reporter(cfg, rank, book.step, run["run_id"])
         result = {"val_loss": None, "caption_scores": None, "checkpoint": resume_from}
 
@@ -139,7 +141,8 @@ def train(cfg: VLMConfig):
         bar = tqdm(total=total, initial=book.step, disable=rank != 0, dynamic_ncols=True, leave=False)
         stopping = 0  # the signal that stopped the run
         # closing(steps): the data workers stop when training ends, not whenever the garbage collector finds them
-        with bar, StopRequest() as stop, closing(steps), speed.FrozenHeap() as heap:
+        first_step = book.step + 1
+        with bar, StopRequest() as stop, closing(steps):
             while book.step < total:
                 lr = scheduler.get_last_lr()[0]  # this step's learning rate (the scheduler steps after it)
                 batches, data_wait = next(steps)  # the step's grad_accum micro-batches, and the wait for them
@@ -147,7 +150,8 @@ def train(cfg: VLMConfig):
                 scheduler.step()
                 step = book.add(batches, data_wait, step_loss, n_tokens, finite)
                 bar.update()
-                heap.freeze()  # once, after the first step (the one that compiles)
+                if step == first_step:  # the one that compiles: what compiling made lives as long as the run
+                    heap.freeze()
                 if book.due(cfg.log_every):
                     logged = book.read(scheduler)  # one wait for the device; the schedule follows the applied steps
                     log_step(reporter, step, total, lr, logged)

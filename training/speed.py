@@ -22,8 +22,9 @@ levers tried and dropped are in docs/speed.md.
 - **Attention without a mask** (models/attention.py): FlashAttention's variable-length kernel keeps each packed
   sample to itself with no [N, N] mask in memory, and its registered name keeps transformers from reading the GPU
   to look for packed sequences (a host wait every forward).
-- **A frozen heap** (FrozenHeap). Python's full garbage collections scan every live object; after the first step
-  those are chiefly compile's millions, alive for good, and each scan stalled a step.
+- **A frozen heap** (FrozenHeap). Python's full garbage collections scan every live object: the data's lengths and
+  plans from the start, compile's millions after the first step, alive for good; each scan stalled the start or a
+  step.
 - **Evaluation and generation run eager** (`torch.compiler.set_stance("force_eager")` on training.loop.val_loss and
   VLM.generate_from_ids): compiled blocks would compile and record a second set of CUDA graphs for every length.
 """
@@ -79,18 +80,16 @@ def warm_image_counts(model, batch_size, device):
 
 
 class FrozenHeap:
-    """The loop calls freeze() after every step: the first call hides what is alive from later collections (what
-    later steps make is still collected), the others do nothing. On exit it is all collectable again, for a next run
-    in this process (the sweep, the notebook)."""
+    """freeze() hides what is alive now from later collections (what is made after it is still collected). The loop
+    calls it when what is alive will live as long as the run: once the data is open (at CC3M's size, millions of
+    lengths and plans) and after the first step (compile's objects). On exit it is all collectable again, for a next
+    run in this process (the sweep, the notebook)."""
 
     def __enter__(self):
-        self.frozen = False
         return self
 
     def __exit__(self, *exc):
         gc.unfreeze()
 
     def freeze(self):
-        if not self.frozen:
-            gc.freeze()
-            self.frozen = True
+        gc.freeze()
