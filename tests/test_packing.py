@@ -2,13 +2,16 @@
 on a Llama-type and a Phi-3-type LM (fused projections), for single-turn, multi-turn and text-only records; the
 collator's row keeps every sample to itself; the lengths packing plans with are the encoded ones."""
 import dataclasses
+import gc
+import multiprocessing
 
 import pytest
 import torch
 
 from conftest import model_inputs, packer
-from data.llava import ImageStore, LlavaDataset, load_records
-from data.loading import with_images
+from data.download import DataError
+from data.llava import ImageStore, LlavaDataset, load_records, steps_of_micro_batches
+from data.loading import build_data, with_images
 from data.packing import image_slots, plan_micro_batches
 from data.shapes import draw
 from models.config import VLMConfig
@@ -204,3 +207,30 @@ def test_a_run_over_unusable_and_text_only_records_packs_every_batch_to_one_shap
     loop.train(cfg)
     assert {s[:2] for s in shapes} == {((1, 200), (8 + -(-200 // 68) + 1,))}
     assert all(s[2] in (8,) for s in shapes)  # image_slots(n, 8): always one multiple of 8
+
+
+def test_the_data_workers_start_before_the_first_step_and_end_with_it(tiny_cfg):
+    """steps_of_micro_batches starts the loader's workers at once: they open the images (a zip index of 595K members
+    each at CC3M's size) and make the first batches while the model compiles, not after. Closing the steps ends them."""
+    cfg = dataclasses.replace(tiny_cfg, num_workers=2)
+    train_loader, _ = build_data(cfg, VLM.from_config(cfg), 0, 1)
+    before = set(multiprocessing.active_children())
+    steps = steps_of_micro_batches(train_loader, 0, 1)
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    (batch,), _ = next(steps)
+    assert batch["input_ids"].shape[1] <= cfg.batch_tokens
+    steps.close()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not any(worker.is_alive() for worker in workers)
+
+
+def test_parsing_chat_json_leaves_the_garbage_collector_on(tiny_assets, tmp_path):
+    """load_records pauses collections while it parses (millions of objects at CC3M's size), and turns them back on
+    whether the file parses or not."""
+    assert len(load_records(f"{tiny_assets.data_dir}/chat.json")) > 0 and gc.isenabled()
+    (tmp_path / "chat.json").write_text('[{"id": "0", "image": "a.jpg", "conv')
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_records(tmp_path / "chat.json")
+    assert gc.isenabled()
