@@ -87,14 +87,16 @@ def end_of_turn_id(tokenizer):
 
 
 def to_messages(conversations):
-    """LLaVA turns ({"from": "human"|"gpt", "value": str}) -> chat messages."""
+    """LLaVA turns ({"from": "human"|"gpt", "value": str}) -> chat messages. A reply's leading whitespace is dropped:
+    a BPE tokenizer (SmolLM2's) merges it with the newline that ends the assistant header, so the reply would not
+    start where generation starts (after that newline), and its labels could not be placed."""
     try:
         messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in conversations]
     except (KeyError, TypeError):
         raise SampleError("malformed_record", "conversations must be a list of {from, value} turns") from None
     if not messages or not all(isinstance(m["content"], str) for m in messages):
         raise SampleError("malformed_record", "empty conversation or non-text turn")
-    return messages
+    return [{**m, "content": m["content"].lstrip()} if m["role"] == "assistant" else m for m in messages]
 
 
 def encode(tokenizer, messages, n_image_tokens, max_text_tokens=None, generation_prompt=False, has_image=True):

@@ -85,6 +85,16 @@ def test_labels_are_exactly_the_reply_and_its_end_of_turn(tok, user, caption):
     assert ids.count(image_id) == N_IMAGE and ids[at:at + N_IMAGE] == [image_id] * N_IMAGE
 
 
+@pytest.mark.parametrize("lead", ["  ", "\n\n", " \n "])
+def test_a_reply_with_leading_whitespace_trains_as_the_reply_without_it(tok, lead):
+    """SmolLM2's BPE merges a reply's leading spaces or newlines with the assistant header's newline, so the reply
+    would not start where generation does; a record with one (LLaVA data has a few) used to stop the run."""
+    user = {"from": "human", "value": f"{IMAGE_TOKEN}\n{INSTRUCTION}"}
+    with_lead, without = (encode(tok, to_messages([user, {"from": "gpt", "value": reply}]), N_IMAGE)
+                          for reply in (lead + CAPTIONS[1], CAPTIONS[1]))
+    assert with_lead == without
+
+
 @pytest.mark.parametrize("prompt, user", [(INSTRUCTION, f"{IMAGE_TOKEN}\n{INSTRUCTION}"),
                                           (f"{INSTRUCTION}\n{IMAGE_TOKEN}", f"{INSTRUCTION}\n{IMAGE_TOKEN}")])
 def test_the_generation_prompt_is_the_training_prompt_up_to_the_assistant_header(tok, prompt, user):
