@@ -22,12 +22,13 @@ from models.tiny import build_backbones
 
 transformers.utils.logging.disable_progress_bar()
 
-# The files that take the longest, longest first (on 2 cores, 2026-12-03: 297 s, 202, 78, then 68 down to 34): each
-# of pytest's 2 processes takes the next whole file when it is free (--dist loadfile), so the long ones go out first
-# and both processes end together (9.5 min when test_stops.py happened to go last; other files keep their order).
-LONGEST_FIRST = ["test_stops.py", "test_train.py", "test_real_lm.py", "test_notebook.py", "test_generate.py",
-                 "test_instruct_data.py", "test_robustness.py", "test_full_phase.py", "test_lm_families.py",
-                 "test_app.py"]
+# The files that take the longest, longest first (on 2 cores, 2026-12-03: 297 s, 202, 78, then 68 down to 34;
+# test_sharding.py, missing here until 2026-12-06: 56 s alone, 95 in the suite): each of pytest's 2 processes takes
+# the next whole file when it is free (--dist loadfile), so the long ones go out first and both processes end
+# together (9.5 min when test_stops.py happened to go last; other files keep their order).
+LONGEST_FIRST = ["test_stops.py", "test_train.py", "test_sharding.py", "test_real_lm.py", "test_notebook.py",
+                 "test_generate.py", "test_instruct_data.py", "test_robustness.py", "test_full_phase.py",
+                 "test_lm_families.py", "test_app.py"]
 
 
 def pytest_collection_modifyitems(items):
@@ -75,6 +76,19 @@ def cli_args(cfg, **overrides):
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def train_as_one_process(cfg):
+    """loop.train(cfg) in this process, on 1 thread as each torchrun process runs (OMP_NUM_THREADS=1: the same
+    matmul sums): the 1-process run that torchrun's runs are compared with (bit for bit a 1-process torchrun's
+    weights and losses), without a launch's ~20 s of start-up and imports. Returns train()'s result."""
+    from training import loop
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return loop.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 import main
 from training import loop
-from conftest import REPO, cli_args, trainable_params
+from conftest import REPO, cli_args, train_as_one_process, trainable_params
 from data.llava import ImageStore, LlavaDataset, load_records
 from data.packing import PackedBatchSampler
 from training.checkpoint import WEIGHTS
@@ -206,7 +206,8 @@ def test_torchrun_two_processes_match_one_and_two_nodes_match_two_processes(tiny
         assert all(job.returncode == 0 for job in jobs), [log.read_text()[-2000:] for log in logs]
         return weights(sorted(out_dir.glob("step_*"))[-1])
 
-    one = run([["--standalone", "--nproc_per_node", "1"]], 8, tmp_path / "one")
+    one = weights(train_as_one_process(dataclasses.replace(tiny_cfg, batch_size=8, grad_accum=2, max_steps=3,
+                                                           out_dir=str(tmp_path / "one")))["checkpoint"])
     two = run([["--standalone", "--nproc_per_node", "2"]], 4, tmp_path / "two")
     # The ranks' rows hold other samples than the one process's, so matmuls sum in another order: gradients agree to
     # fp32 rounding (~1e-7 relative). AdamW divides each gradient by its own running size, so where a gradient is
