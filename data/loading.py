@@ -38,7 +38,7 @@ def open_data(cfg, tokenizer, rank, world):
     if len(sampler) < cfg.grad_accum:
         raise ConfigError(f"config field 'grad_accum' = {cfg.grad_accum}: more micro-batches than one epoch has "
                           f"({len(sampler)} per rank); lower grad_accum or batch_tokens")
-    if 0 < len(val_idx) < world:  # a sharded model's every forward needs all ranks (training/sharding.py)
+    if cfg.sharded(world) and 0 < len(val_idx) < world:  # a sharded model's every forward needs all ranks
         raise ConfigError(f"config field 'val_size' = {cfg.val_size}: {len(val_idx)} usable validation records for "
                           f"{world} processes, and each needs one; raise val_size to at least {world} (or 0: none)")
     val_idx = val_idx[rank::world]

@@ -133,6 +133,11 @@ class VLMConfig:
         return self
 
     # --- JSON: a checkpoint carries the config that trained it (the fields a preset set included) ---
+    def sharded(self, world):
+        """Whether a run of `world` processes shards the LM (training/sharding.py): the full phase's does; the
+        other phases' train only small weights and run data parallel."""
+        return world > 1 and self.phase == "full"
+
     def to_dict(self):
         return dataclasses.asdict(self)
 

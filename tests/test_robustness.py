@@ -701,13 +701,16 @@ def test_the_validation_split_does_not_depend_on_the_seed(tiny_cfg):
 
 
 def test_fewer_validation_records_than_processes_is_refused_before_the_model_loads(tiny_cfg):
-    """Each process validates its share of the held-out records; a sharded model's every forward needs all of them,
-    so a process with none would stop the run at its first evaluation, minutes in. Said at the start instead."""
+    """Each process validates its share of the held-out records; a sharded model's (the full phase's) every forward
+    needs all of them, so a process with none would stop the run at its first evaluation, minutes in. Said at the
+    start instead. Data parallel runs (the other phases) sum the processes' losses, and one with none is fine."""
     tokenizer = loop.load_tokenizer(tiny_cfg)
+    full = dataclasses.replace(tiny_cfg, phase="full")
     with pytest.raises(ConfigError, match="raise val_size to at least 4"):
-        open_data(dataclasses.replace(tiny_cfg, val_size=3), tokenizer, 0, 4)
-    assert len(open_data(dataclasses.replace(tiny_cfg, val_size=4), tokenizer, 3, 4)["val_idx"]) == 1
-    assert open_data(dataclasses.replace(tiny_cfg, val_size=0), tokenizer, 3, 4)["val_idx"] == []
+        open_data(dataclasses.replace(full, val_size=3), tokenizer, 0, 4)
+    assert len(open_data(dataclasses.replace(full, val_size=4), tokenizer, 3, 4)["val_idx"]) == 1
+    assert open_data(dataclasses.replace(full, val_size=0), tokenizer, 3, 4)["val_idx"] == []
+    assert open_data(dataclasses.replace(tiny_cfg, val_size=3), tokenizer, 3, 4)["val_idx"] == []
 
 
 def test_wandb_logs_a_resumed_run_into_the_same_wandb_run(tiny_cfg, monkeypatch):

@@ -29,7 +29,7 @@ def distribute(model, cfg, world, device):
     place (shard); else `model` wrapped in DDP."""
     if world == 1:
         return model
-    if cfg.phase == "full":
+    if cfg.sharded(world):
         return shard(model, init_device_mesh(device.type, (world,)))
     return DistributedDataParallel(model, broadcast_buffers=False)
 
