@@ -29,7 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import main
 from training import loop
 from conftest import REPO, cli_args, log_lines, same, steps_saved
-from training import checkpoint
+from training import checkpoint, distributed
 from training.checkpoint import WEIGHTS
 
 
@@ -80,11 +80,12 @@ def _hold(marker):
     signal.raise_signal(received[0])
 
 
-def _child(argv, log, env, fail_at=None, pause_at=None):
+def _child(argv, log, env, fail_at=None, pause_at=None, hang_teardown=None):
     """In a fresh child process, in a process group of its own (with its data workers, as a shell's job or a
     scheduler's step): what `python main.py ARGV` does, output to `log`; with fail_at=(rank, step),
     that rank raises at that step; with pause_at=(point, n), the run holds the n-th time it reaches that point
-    (see _at_nth) until the test signals it (a kill at a point the test chose, never after a delay)."""
+    (see _at_nth) until the test signals it (a kill at a point the test chose, never after a delay); with
+    hang_teardown=rank, closing that rank's process group never returns, and it is ended 5 s after a failure."""
     if os.getpgid(0) != os.getpid():  # (torchrun starts each rank as the leader of its own)
         os.setpgid(0, 0)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -100,17 +101,20 @@ def _child(argv, log, env, fail_at=None, pause_at=None):
         _at_nth("step", fail_at[1], fail)
     if pause_at:
         _at_nth(*pause_at, lambda: _hold(f"{log}.held"))
+    if hang_teardown is not None and int(os.environ["RANK"]) == hang_teardown:
+        distributed.TEARDOWN_S = 5
+        torch.distributed.destroy_process_group = lambda *args: time.sleep(3600)
     main.main(argv)
 
 
 class Run:
     """One training process (see _child) and its log."""
 
-    def __init__(self, argv, log, env=None, fail_at=None, pause_at=None, workers=False):
+    def __init__(self, argv, log, env=None, fail_at=None, pause_at=None, workers=False, hang_teardown=None):
         """workers: the run starts data workers, which a daemon process may not; the test then ends it (finish)."""
         self.log, self.held = Path(log), Path(f"{log}.held")
-        self.process = FORKSERVER.Process(target=_child, args=(argv, str(log), env or {}, fail_at, pause_at),
-                                          daemon=not workers)
+        self.process = FORKSERVER.Process(target=_child, daemon=not workers,
+                                          args=(argv, str(log), env or {}, fail_at, pause_at, hang_teardown))
         self.process.start()
 
     def wait_for(self, condition, timeout=300):
@@ -317,13 +321,15 @@ def free_port():
 @pytest.mark.parametrize("launcher", ["processes", "torchrun"])
 def test_ddp_rank_failure_ends_every_rank_without_a_hang(tiny_cfg, tmp_path, launcher):
     """Rank 1 raises at step 2 while rank 0 waits for it in an all-reduce: both exit non-zero, promptly.
-    `processes`: two plain processes, so rank 0 must end by itself (no agent stops it)."""
+    `processes`: two plain processes, so rank 0 must end by itself (no agent stops it), even when closing its
+    process group after the peer's death never returns (as gloo's once did): it is ended, with its stacks printed."""
     args, timeout = cli_args(tiny_cfg, max_steps=6, batch_size=4), 300
     if launcher == "processes":
         env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        runs = [Run(args, tmp_path / f"rank{r}.txt", dict(env, RANK=str(r), LOCAL_RANK=str(r)), fail_at=(1, 2))
-                for r in (0, 1)]
+        runs = [Run(args, tmp_path / f"rank{r}.txt", dict(env, RANK=str(r), LOCAL_RANK=str(r)), fail_at=(1, 2),
+                    hang_teardown=0) for r in (0, 1)]
         assert [run.finish(timeout) for run in runs] == [1, 1], [run.output() for run in runs]
+        assert "Timeout (0:00:05)!" in runs[0].output(tail=20_000) and "in _child" in runs[0].output(tail=20_000)
     else:
         script = tmp_path / "failing_rank.py"
         script.write_text(f"import os, sys\nsys.path[:0] = {[str(REPO), str(REPO / 'tests')]}\n"

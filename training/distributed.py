@@ -1,6 +1,9 @@
 """Which device a command runs on, and the few collective operations the loop needs; with one process (no torchrun)
 each is a no-op."""
+import faulthandler
 import os
+import sys
+import traceback
 from collections import Counter
 from datetime import timedelta
 
@@ -8,6 +11,8 @@ import torch
 import torch.distributed as dist
 
 from models.config import ConfigError
+
+TEARDOWN_S = 60  # seconds a failed process of several may take to exit before it is ended
 
 
 def setup_distributed(cfg):
@@ -46,3 +51,13 @@ def skips_over_ranks(tally):
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
     return sum(p[0] for p in parts), sum((p[1] for p in parts), Counter()), sum(p[2] for p in parts)
+
+
+def exit_failed_rank():
+    """Ends a process of several that failed: its traceback, then exit status 1. Closing the process group follows
+    (run_command's finally), and after a peer died mid-collective that can wait on the dead peer for ever (gloo's
+    did, once in the tests, in a rank started without torchrun, whose agent would have ended it): if the process
+    is still there TEARDOWN_S later, every thread's stack is printed and it exits all the same."""
+    traceback.print_exc()
+    faulthandler.dump_traceback_later(TEARDOWN_S, exit=True)
+    sys.exit(1)

@@ -21,7 +21,7 @@ from models.hub import HubError
 from models.vlm import VLM, autocast, check_shapes, load_tokenizer
 from training import checkpoint, speed
 from training.bookkeeping import Bookkeeping
-from training.distributed import all_reduce, setup_distributed
+from training.distributed import all_reduce, exit_failed_rank, setup_distributed
 from training.metrics import score_line
 from training.report import Reporter, caption_metrics, sample_captions, step_line
 from training.sharding import as_many_as_the_longest, distribute, is_sharded, no_sync, whole
@@ -244,7 +244,7 @@ def report_data(reporter, cfg, seen, skipped, truncated):
 
 def run_command(task):
     """Runs task() as a command: no download bars, a user's mistake as one line (no traceback), and the
-    process group closed however it ends."""
+    process group closed however it ends (within TEARDOWN_S after a crash: training/distributed.py)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizing happens in the workers
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -254,6 +254,10 @@ def run_command(task):
     except Stopped as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
+    except Exception:
+        if dist.is_initialized():
+            exit_failed_rank()
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
