@@ -80,6 +80,40 @@ def test_evaluation_asks_each_record_its_own_question(tiny_cfg, tmp_path, monkey
     assert "What colour is the shape?" in rows[3].prompt and "red ." in rows[3].prompt  # the history comes along
 
 
+def test_each_question_is_asked_with_its_own_image_when_a_worker_batches_them(tiny_cfg, tmp_path, monkeypatch):
+    """The data worker hands over a batch's images as one tensor (training/report.questions): the rows of that tensor
+    stay with their questions when records without an image, skipped ones and ones whose prompt is too long sit
+    between them."""
+    from data.llava import ImageStore, LlavaDataset, load_records
+    from training.report import sample_captions
+    colors = {"red": "red", "green": "green", "too_long": "blue"}
+    for name, color in colors.items():
+        draw(color, "circle", "center").save(tmp_path / f"{name}.png")
+    question = {"too_long": " ".join(["Describe the picture."] * 40), "red": "What is it?", "green": "What is it?"}
+    records = [{"id": name, "image": f"{name}.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{question[name]}"}, {"from": "gpt", "value": "a circle ."}]}
+        for name in ("too_long", "red")]
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]})
+    records.append({**records[1], "id": "missing", "image": "missing.png"})
+    records.append({**records[1], "id": "green", "image": "green.png"})
+    (tmp_path / "chat.json").write_text(json.dumps(records))
+    model = VLM.from_config(tiny_cfg).eval()
+    data = LlavaDataset(load_records(tmp_path / "chat.json"), list(range(5)), ImageStore(tmp_path), model.tokenizer,
+                        model.processor, model.n_image_tokens, None)
+
+    def answer_with_the_image(prompts, pixel_values, *args):  # a model that tells which image it was shown
+        images = iter(pixel_values)
+        return [f"{next(images).float().mean():.4f}" if model.image_token_id in p else "none" for p in prompts]
+    monkeypatch.setattr(model, "generate_from_ids", answer_with_the_image)
+    rows, skipped = sample_captions(model, data, 5, torch.device("cpu"), batch_size=8, num_workers=1)
+
+    def mean(name):
+        return f"{image_pixels(model.processor, [draw(colors[name], 'circle', 'center')])[0].float().mean():.4f}"
+    assert [(r.id, r.prediction) for r in rows] == [("red", mean("red")), ("text", "none"), ("green", mean("green"))]
+    assert skipped == {"missing_image": 1, "prompt_longer_than_max_text_tokens": 1}
+    assert len({mean(name) for name in colors}) == 3
+
+
 def test_a_conversation_over_budget_keeps_whole_turns_and_the_run_counts_it(tiny_cfg, instruct, capsys):
     """Phase 2 on the instruction file with a text budget that holds each record's first exchange but not its
     second: every record trains its first reply, none is skipped, and the log counts the truncated samples."""
