@@ -16,7 +16,8 @@ own training data and all on any other; it says which and why. A checkpoint with
 know its data: pass --split.
 The JSON (--out) goes into the checkpoint dir by default: eval_val.json or eval_all.json for the checkpoint's own
 data, eval_all-<the first 8 hex digits of the data's sha256>.json for another data set, so scoring a test set never
-overwrites the result on the training data.
+overwrites the result on the training data. An existing file is never overwritten: eval.py says so before the model
+loads.
 """
 import os
 import sys

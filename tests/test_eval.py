@@ -192,6 +192,17 @@ def test_a_reply_longer_than_max_text_tokens_is_scored_when_its_prompt_fits(tiny
     assert "3 records scored, 1 skipped: prompt_longer_than_max_text_tokens 1" in printed
 
 
+def test_a_result_is_never_overwritten(tiny_cfg, trained_on, monkeypatch, capsys):
+    """Scoring the same split again (say with --limit, after a long full run) is refused before the model loads, as
+    are lmms-eval's results; --out names another file."""
+    run_eval(capsys, trained_on, tiny_cfg.data_dir, "--limit", "2")
+    first = (trained_on / "eval_val.json").read_text()
+    assert "results are never overwritten" in refusal(monkeypatch, trained_on, tiny_cfg.data_dir, "--limit", "1")
+    assert (trained_on / "eval_val.json").read_text() == first
+    assert "results are never overwritten" in refusal(monkeypatch, trained_on, tiny_cfg.data_dir, "--out",
+                                                      str(trained_on / "eval_val.json"))
+
+
 def test_eval_py_uses_no_more_workers_than_cores_unless_told(tmp_path, monkeypatch):
     (tmp_path / "chat.json").write_text("[]")
     args = ["--checkpoint", str(tmp_path), "--data_dir", str(tmp_path)]

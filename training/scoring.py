@@ -120,6 +120,10 @@ def score_checkpoint(args):
         device = pick_device(args.device)
         path = checkpoint.resolve(args.checkpoint)
         data = records_to_score(path, args.data_dir, args.split, args.chat_json)
+        out = Path(args.out or default_out(path, data))
+        if out.exists():  # (as lmms-eval's results: training/lmms.py)
+            raise ConfigError(f"{out} exists: results are never overwritten; move it away, or name another file "
+                              "with --out")
         print(f"split {data.split}{' (auto)' if args.split == 'auto' else ''}: {data.why}", flush=True)
         model = checkpoint.load_model(path).place(device)
         # no max_text_tokens: the reference reply is never fed to the model; scored_turn asks each prompt that fits it
@@ -129,7 +133,6 @@ def score_checkpoint(args):
     except (ConfigError, DataError, HubError) as e:
         sys.exit(f"error: {e}")
     seen = None if data.trained is None else sum(p["id"] in data.trained for p in predictions)
-    out = Path(args.out or default_out(path, data))
     out.write_text(json.dumps({"checkpoint": str(path), "data_dir": args.data_dir, "data": data.identity,
                                "split": data.split, "n": len(predictions), "skipped": sum(skipped.values()),
                                "skipped_reasons": dict(skipped), "in_training_split": seen, "metrics": scores,
