@@ -132,12 +132,12 @@ class VLMConfig:
                 "or leave it empty to download the data set")
         return self
 
-    # --- JSON: a checkpoint carries the config that trained it (the fields a preset set included) ---
     def sharded(self, world):
         """Whether a run of `world` processes shards the LM (training/sharding.py): the full phase's does; the
         other phases' train only small weights and run data parallel."""
         return world > 1 and self.phase == "full"
 
+    # --- JSON: a checkpoint carries the config that trained it (the fields a preset set included) ---
     def to_dict(self):
         return dataclasses.asdict(self)
 
