@@ -45,6 +45,22 @@ def test_summary_takes_medians_after_the_first_interval():
     assert summary["epoch_minutes"] == pytest.approx(49.6, abs=0.05)  # 595,375 samples at 200 a second
 
 
+def test_the_bench_names_each_step_over_twice_the_median_and_what_it_met():
+    """After the warm-up, a step over 2x the median is named with the compile work and full collection in it and
+    the host's time for it; warm-up steps and the profiler's are not judged."""
+    gpu_ms, host_ms = {s: 50.0 for s in range(2, 62)}, {s: 48.0 for s in range(2, 62)}
+    gpu_ms[5] = 900.0          # compiling, in the warm-up
+    gpu_ms[30] = 99.0          # under 2x: not slow
+    gpu_ms[40], host_ms[40] = 110.0, 104.6
+    gpu_ms[45] = 300.0         # under the profiler
+    verdict = bench.step_verdict(gpu_ms, host_ms, compile_work={5: {"dynamo": 3}, 40: {"cudagraph_recording": 1}},
+                                 full_gc_ms={1: 700, 40: 55}, warmup=20, profiled=range(44, 47))
+    assert verdict["slow_steps_ms"] == {40: 110} and verdict["steps_over_2x_median"] == 1
+    assert verdict["slow_step_causes"] == {40: {"cudagraph_recording": 1, "full_gc_ms": 55, "host_ms": 105}}
+    assert verdict["step_ms_median"] == 50 and verdict["step_ms_max"] == 110 and verdict["steps_timed"] == 37
+    assert verdict["compile_work_after_warmup"] == {40: {"cudagraph_recording": 1}}
+
+
 def test_cc3m_like_jpegs_are_cc3m_sized(tmp_path):
     bench.make_cc3m_like(tmp_path, n=64, distinct=16)
     import zipfile

@@ -193,13 +193,14 @@ def seconds_since_process_start():
 
 
 class StepClock:
-    """GPU time of every optimizer step, from CUDA events recorded after each (the loop never waits for them),
-    the seconds from process start to the first step done (one wait, at that step), and by step what else the host
-    did that can stall one: the garbage collector's full collections, and torch.compile's work (graphs compiled,
-    CUDA graphs recorded, through torch._dynamo's compilation callbacks)."""
+    """GPU time of every optimizer step, from CUDA events recorded after each (the loop never waits for them), and
+    the host's time from one to the next; the seconds from process start to the first step done (one wait, at that
+    step); and by step what else the host did that can stall one: the garbage collector's full collections, and
+    torch.compile's work (graphs compiled, CUDA graphs recorded, through torch._dynamo's compilation callbacks)."""
 
     def __init__(self):
-        self.events, self.start_s, self.full_gc_ms, self.gc_t0, self.compile_work = [], None, {}, 0.0, {}
+        self.events, self.host_s, self.start_s = [], [], None
+        self.full_gc_ms, self.gc_t0, self.compile_work = {}, 0.0, {}
         self.hook = register_optimizer_step_post_hook(self.tick)
         gc.callbacks.append(self.on_gc)
         torch._dynamo.callback_handler.register_start_callback(self.on_compile)
@@ -220,26 +221,35 @@ class StepClock:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         self.events.append(event)
+        self.host_s.append(time.perf_counter())
         if self.start_s is None:
             event.synchronize()
             self.start_s = seconds_since_process_start()
 
     def summary(self, warmup=20, profiled=()):
-        """Start-up time; median and slowest step after `warmup` steps (half the run if shorter), and which took
-        over 2x the median. `profiled`: the steps the profiler ran over (it slows them), left out."""
+        """step_verdict over the run's steps (step i + 2 is events[i] to events[i + 1]), with the start-up time."""
         torch.cuda.synchronize()
-        warmup = min(warmup, len(self.events) // 2)
-        ms = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]  # ms[i]: step i + 2
-        ms = {step: m for step, m in enumerate(ms, start=2) if step > warmup + 1 and step not in profiled}
-        median = statistics.median(ms.values())
-        slow = {step: round(m) for step, m in ms.items() if m > 2 * median}
-        return {"start_s": self.start_s, "step_ms_median": median, "step_ms_max": max(ms.values()),
-                "steps_over_2x_median": len(slow), "slow_steps_ms": slow, "steps_timed": len(ms),
-                "full_gc_ms": self.full_gc_ms,
-                "compile_work_after_warmup": {s: w for s, w in self.compile_work.items() if s > warmup + 1},
-                "slow_step_causes": {s: {**self.compile_work.get(s, {}), **({"full_gc_ms": self.full_gc_ms[s]}
-                                                                          if s in self.full_gc_ms else {})}
-                                     for s in slow}}
+        gpu_ms = {i: a.elapsed_time(b) for i, (a, b) in enumerate(zip(self.events, self.events[1:]), start=2)}
+        host_ms = {i: 1000 * (b - a) for i, (a, b) in enumerate(zip(self.host_s, self.host_s[1:]), start=2)}
+        return {"start_s": self.start_s, **step_verdict(gpu_ms, host_ms, self.compile_work, self.full_gc_ms, warmup,
+                                                        profiled)}
+
+
+def step_verdict(gpu_ms, host_ms, compile_work, full_gc_ms, warmup=20, profiled=()):
+    """Median and slowest step ({step: ms} on the GPU) after `warmup` steps (half the run if shorter), which took
+    over 2x the median, and what each of those met: compile work, a full collection, and the host's time for it
+    (host_ms near the step's own: the host stalled, not the GPU). `profiled`: the steps the profiler ran over (it
+    slows them), left out."""
+    warmup = min(warmup, len(gpu_ms) // 2)
+    ms = {step: m for step, m in gpu_ms.items() if step > warmup + 1 and step not in profiled}
+    median = statistics.median(ms.values())
+    slow = {step: round(m) for step, m in ms.items() if m > 2 * median}
+    causes = {step: {**compile_work.get(step, {}), **({"full_gc_ms": full_gc_ms[step]} if step in full_gc_ms else {}),
+                     "host_ms": round(host_ms[step])} for step in slow}
+    return {"step_ms_median": median, "step_ms_max": max(ms.values()), "steps_over_2x_median": len(slow),
+            "slow_steps_ms": slow, "steps_timed": len(ms), "full_gc_ms": full_gc_ms,
+            "compile_work_after_warmup": {s: w for s, w in compile_work.items() if s > warmup + 1},
+            "slow_step_causes": causes}
 
 
 class StepProfiler:
