@@ -270,8 +270,9 @@ class StepProfiler:
         elif self.step == self.start + self.n:
             torch.cuda.synchronize()
             wall_ms = (time.perf_counter() - self.t0) * 1000 / self.n
-            self.prof.__exit__(None, None, None)
-            events = self.prof.key_averages()
+            prof, self.prof = self.prof, None  # not kept: its records would lengthen every later full collection
+            prof.__exit__(None, None, None)
+            events = prof.key_averages()
             kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
             gpu_ms = sum(e.self_device_time_total for e in kernels) / 1000 / self.n
             print(events.table(sort_by="self_device_time_total", row_limit=15))
