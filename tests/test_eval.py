@@ -10,7 +10,7 @@ import pytest
 
 from training import checkpoint
 import eval as evaluation
-from training import loop
+from training import loop, scoring
 from data.llava import data_identity, split_indices
 from models.vlm import VLM
 
@@ -201,6 +201,13 @@ def test_a_result_is_never_overwritten(tiny_cfg, trained_on, monkeypatch, capsys
     assert (trained_on / "eval_val.json").read_text() == first
     assert "results are never overwritten" in refusal(monkeypatch, trained_on, tiny_cfg.data_dir, "--out",
                                                       str(trained_on / "eval_val.json"))
+    # one written by another eval.py while this one scored is not overwritten either
+    monkeypatch.undo()  # (refusal's stand-in for load_model)
+    real_score, other = scoring.score, trained_on / "other.json"
+    monkeypatch.setattr(scoring, "score", lambda *a: (other.write_text("the other's"), real_score(*a))[1])
+    with pytest.raises(FileExistsError):
+        run_eval(capsys, trained_on, tiny_cfg.data_dir, "--limit", "1", "--out", str(other))
+    assert other.read_text() == "the other's"
 
 
 def test_eval_py_uses_no_more_workers_than_cores_unless_told(tmp_path, monkeypatch):

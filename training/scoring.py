@@ -133,10 +133,11 @@ def score_checkpoint(args):
     except (ConfigError, DataError, HubError) as e:
         sys.exit(f"error: {e}")
     seen = None if data.trained is None else sum(p["id"] in data.trained for p in predictions)
-    out.write_text(json.dumps({"checkpoint": str(path), "data_dir": args.data_dir, "data": data.identity,
-                               "split": data.split, "n": len(predictions), "skipped": sum(skipped.values()),
-                               "skipped_reasons": dict(skipped), "in_training_split": seen, "metrics": scores,
-                               "predictions": predictions}, indent=1) + "\n")
+    with open(out, "x") as f:  # "x": fails rather than overwrite one written while this one scored
+        f.write(json.dumps({"checkpoint": str(path), "data_dir": args.data_dir, "data": data.identity,
+                            "split": data.split, "n": len(predictions), "skipped": sum(skipped.values()),
+                            "skipped_reasons": dict(skipped), "in_training_split": seen, "metrics": scores,
+                            "predictions": predictions}, indent=1) + "\n")
     print(overlap_line(seen, len(predictions), data, path))
     print(score_line(scores, digits=4)
           + f"  ({len(predictions)} records scored, {describe(skipped)}; {out})")
